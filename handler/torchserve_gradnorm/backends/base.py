@@ -1,0 +1,72 @@
+"""What every backend provides, and the model-state helpers they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import Method
+
+
+class BackendUnsupported(RuntimeError):
+    """The backend cannot score this model exactly; ``auto`` moves on to the next backend."""
+
+
+class Backend(ABC):
+    """Per-sample gradient norms for one model, parameter selection and method.
+
+    ``__call__`` receives a batch already on the model's device, with grad mode on and the
+    model in eval mode (the scorer arranges both), and returns the logits of that batch and,
+    for every selected parameter name, its (B,) contribution to the norm.
+    """
+
+    name: str = ""
+
+    def __init__(
+        self, model: nn.Module, selected: list[str], method: Method, temperature: float
+    ) -> None:
+        reason = self.unsupported_reason(model, selected)
+        if reason:
+            raise BackendUnsupported(reason)
+        self.model = model
+        self.selected = selected
+        self.method = method
+        self.temperature = temperature
+
+    @classmethod
+    def unsupported_reason(cls, model: nn.Module, selected: list[str]) -> str | None:
+        """Why this backend cannot serve the model, found without running it; None if it can."""
+        return None
+
+    @abstractmethod
+    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def loss(self, logits: Tensor) -> Tensor:
+        return self.method.loss(logits, self.temperature)
+
+
+def is_torchscript(model: nn.Module) -> bool:
+    return isinstance(model, torch.jit.ScriptModule)
+
+
+@contextmanager
+def requires_grad_only(model: nn.Module, selected: list[str]) -> Iterator[list[Tensor]]:
+    """Temporarily make exactly the selected parameters require grad.
+
+    Frozen parameters can then be scored, and autograd records nothing upstream of the
+    earliest selected layer. The flags are restored on exit, whatever happens.
+    """
+    wanted = set(selected)
+    params = list(model.named_parameters())
+    flags = [p.requires_grad for _, p in params]
+    try:
+        for n, p in params:
+            p.requires_grad_(n in wanted)
+        yield [p for n, p in params if n in wanted]
+    finally:
+        for (_, p), flag in zip(params, flags):
+            p.requires_grad_(flag)

@@ -1,0 +1,104 @@
+"""Which parameters are scored: the ``param_filter`` argument, resolved to parameter names.
+
+Accepted forms:
+- ``None``: every parameter (pytorch-ood's default).
+- a callable ``name -> bool`` (pytorch-ood's form).
+- ``"head"``: the parameters of the last ``nn.Linear`` registered in the model, the layer
+  that produces the logits in the usual classifier layout.
+- a mapping ``{"include": [...], "exclude": [...]}`` of fnmatch globs over the names of
+  ``named_parameters()``; a pattern that starts with ``re:`` is a regular expression
+  (``re.fullmatch``). No ``include`` means all; ``exclude`` wins over ``include``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
+
+from torch import nn
+
+ParamFilter = Union[None, str, Callable[[str], bool], Mapping[str, Any]]  # noqa: UP007
+
+_MAPPING_KEYS = {"include", "exclude"}
+
+
+def _compile_pattern(pattern: str) -> Callable[[str], bool]:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"param_filter patterns must be non-empty strings, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"param_filter: bad regular expression {pattern!r}: {e}") from None
+        return lambda name: rx.fullmatch(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def _patterns(spec: Mapping[str, Any], key: str) -> list[Callable[[str], bool]]:
+    value = spec.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Iterable):
+        raise ValueError(f"param_filter.{key} must be a list of patterns, got {value!r}")
+    return [_compile_pattern(p) for p in value]
+
+
+def glob_filter(spec: Mapping[str, Any]) -> Callable[[str], bool]:
+    """A name predicate from an include/exclude mapping; validates the mapping."""
+    unknown = set(spec) - _MAPPING_KEYS
+    if unknown:
+        raise ValueError(
+            f"param_filter: unknown key(s) {sorted(unknown)}; expected 'include' and/or 'exclude'"
+        )
+    include = _patterns(spec, "include")
+    exclude = _patterns(spec, "exclude")
+
+    def keep(name: str) -> bool:
+        if include and not any(p(name) for p in include):
+            return False
+        return not any(p(name) for p in exclude)
+
+    return keep
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    last = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
+            last = module_name
+    if last is None:
+        raise ValueError("param_filter='head': the model has no nn.Linear layer")
+    prefix = f"{last}." if last else ""
+    return [f"{prefix}{n}" for n, p in model.get_submodule(last).named_parameters(recurse=False)]
+
+
+def select_parameters(model: nn.Module, param_filter: ParamFilter = None) -> list[str]:
+    """Names of the parameters ``param_filter`` keeps, in ``named_parameters()`` order."""
+    names = [n for n, _ in model.named_parameters()]
+    if param_filter is None:
+        keep: Callable[[str], bool] = lambda name: True  # noqa: E731
+    elif isinstance(param_filter, str):
+        if param_filter != "head":
+            raise ValueError(
+                f"param_filter: unknown string {param_filter!r}; use 'head', an "
+                "include/exclude mapping or a callable"
+            )
+        head = set(head_parameter_names(model))
+        keep = head.__contains__
+    elif isinstance(param_filter, Mapping):
+        keep = glob_filter(param_filter)
+    elif callable(param_filter):
+        keep = param_filter
+    else:
+        raise ValueError(f"param_filter: unsupported value {param_filter!r}")
+    selected = [n for n in names if keep(n)]
+    if not selected:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ValueError(
+            f"param_filter selects no parameter of the model; available names: {shown or '(none)'}"
+        )
+    return selected

@@ -1,0 +1,190 @@
+"""GradNormScorer: method x parameter filter x backend -> ScoreResult."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .backends import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, Backend, BackendUnsupported
+from .filters import ParamFilter, select_parameters
+from .losses import get_method
+
+log = logging.getLogger("torchserve_gradnorm")
+
+DIRECTIONS = ("low_norm_is_ood", "high_norm_is_ood")
+
+
+@dataclass
+class ScoreResult:
+    logits: Tensor
+    """(B, C) logits of the scoring forward pass."""
+    grad_norm: Tensor
+    """(B,) raw gradient norm: sum over selected parameters (squared L2 or L1)."""
+    ood_score: Tensor
+    """(B,) oriented score, higher = more out-of-distribution."""
+    per_layer: dict[str, Tensor] | None = None
+    """{parameter name: (B,) contribution}, when asked for."""
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Score in eval mode, then restore every submodule's own flag.
+
+    In training mode BatchNorm normalizes with batch statistics, so one sample's gradient
+    depends on the others in its batch, and dropout makes the score random.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+class GradNormScorer:
+    """Per-sample gradient-norm OOD scores for a classifier, from one batched pass.
+
+    See the README for the two methods, the sign convention and the backends.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "confounding",
+        param_filter: ParamFilter = None,
+        backend: str = "auto",
+        micro_batch_size: int | None = None,
+        temperature: float = 1.0,
+        per_layer: bool = False,
+        direction: str = "low_norm_is_ood",
+    ) -> None:
+        self.method = get_method(method)
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(
+                f"unknown backend {backend!r}: expected one of {', '.join(BACKEND_CHOICES)}"
+            )
+        if direction not in DIRECTIONS:
+            raise ValueError(
+                f"unknown direction {direction!r}: expected one of {', '.join(DIRECTIONS)}"
+            )
+        if micro_batch_size is not None and (
+            isinstance(micro_batch_size, bool)
+            or not isinstance(micro_batch_size, int)
+            or micro_batch_size < 1
+        ):
+            raise ValueError(
+                f"micro_batch_size must be a positive integer or None, got {micro_batch_size!r}"
+            )
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (temperature > 0 and temperature != float("inf"))
+        ):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        self.model = model
+        self.temperature = float(temperature)
+        self.per_layer = bool(per_layer)
+        self.direction = direction
+        self.micro_batch_size = micro_batch_size
+        self.selected = select_parameters(model, param_filter)
+        self.requested_backend = backend
+        self._candidates = self._build_candidates(backend)
+
+    @property
+    def backend(self) -> str:
+        """The backend in use now (``auto`` resolved, fallbacks applied)."""
+        return self._candidates[0].name
+
+    def _build_candidates(self, backend: str) -> list[Backend]:
+        names = AUTO_ORDER if backend == "auto" else (backend,)
+        built: list[Backend] = []
+        for name in names:
+            try:
+                built.append(
+                    BACKENDS[name](self.model, self.selected, self.method, self.temperature)
+                )
+            except BackendUnsupported as e:
+                if backend != "auto":
+                    raise ValueError(f"backend {name!r} cannot score this model: {e}") from None
+                log.info("gradnorm: backend %s not used for this model: %s", name, e)
+        return built
+
+    def __call__(self, x: Tensor) -> ScoreResult:
+        if x.dim() == 0 or len(x) == 0:
+            raise ValueError("GradNormScorer needs a non-empty batch (B, ...)")
+        device = next(self.model.parameters()).device
+        # TorchServe (and many callers) run inference under inference_mode or no_grad:
+        # scoring needs autograd, and inference tensors cannot be saved for backward.
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model):
+            if x.is_inference():
+                x = x.clone()
+            x = x.to(device)
+            logits, norms = self._score_in_chunks(x)
+        grad_norm = torch.stack(list(norms.values())).sum(0)
+        ood = -grad_norm if self.direction == "low_norm_is_ood" else grad_norm.clone()
+        return ScoreResult(
+            logits=logits,
+            grad_norm=grad_norm,
+            ood_score=ood,
+            per_layer=norms if self.per_layer else None,
+        )
+
+    def _score_in_chunks(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        size = self.micro_batch_size or max(len(x), 1)
+        logits: list[Tensor] = []
+        norms: list[dict[str, Tensor]] = []
+        start = 0
+        while start < len(x):
+            chunk = x[start : start + size]
+            try:
+                chunk_logits, chunk_norms = self._run_backend(chunk)
+            except Exception as e:
+                if not _is_oom(e) or size == 1:
+                    raise
+                size = max(1, len(chunk) // 2)
+                self.micro_batch_size = size
+                log.warning("gradnorm: out of memory; retrying with micro_batch_size=%d", size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            logits.append(chunk_logits)
+            norms.append(chunk_norms)
+            start += len(chunk)
+        return torch.cat(logits), {n: torch.cat([c[n] for c in norms]) for n in self.selected}
+
+    def _run_backend(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the current backend; under ``auto``, fall back to the next one that works.
+
+        A fallback is remembered only when the next backend succeeds on the same input, so a
+        bad request cannot demote the backend for good.
+        """
+        errors: list[Exception] = []
+        for i, backend in enumerate(self._candidates):
+            try:
+                result = backend(x)
+            except Exception as e:
+                if self.requested_backend != "auto" or _is_oom(e):
+                    raise
+                errors.append(e)
+                continue
+            if i:
+                log.warning(
+                    "gradnorm: backend %s failed on this model (%s: %s); using %s from now on",
+                    self._candidates[0].name,
+                    type(errors[0]).__name__,
+                    errors[0],
+                    backend.name,
+                )
+                self._candidates = self._candidates[i:]
+            return result
+        raise errors[0]
