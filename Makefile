@@ -31,3 +31,16 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) model_store/*.mar logs
+
+# The demo archive: the digits CNN under samples/digits, packed with the handler.
+model_store/digits.mar: $(STAMP) samples/digits/model.py samples/digits/digits_cnn.pt samples/digits/model-config.yaml samples/digits/index_to_name.json $(wildcard handler/*.py handler/torchserve_gradnorm/*.py handler/torchserve_gradnorm/*/*.py)
+	$(BIN)/gradnorm-archive --model-name digits --version 1.0 \
+	  --model-file samples/digits/model.py --serialized-file samples/digits/digits_cnn.pt \
+	  --config-file samples/digits/model-config.yaml --labels samples/digits/index_to_name.json \
+	  --export-path model_store --force
+
+archive: model_store/digits.mar
+
+# TorchServe in the foreground with the demo model; Ctrl-C stops it.
+serve: model_store/digits.mar
+	@PATH="$(CURDIR)/$(BIN):$$PATH" sh samples/serve.sh

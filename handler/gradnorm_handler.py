@@ -1,0 +1,56 @@
+"""TorchServe entry point: predictions plus a gradient-norm OOD score for every request.
+
+A thin adapter: configuration, decoding, scoring and the answer shape live in the
+``torchserve_gradnorm`` package (shipped inside the .mar); this class only connects them
+to TorchServe's handler life cycle. TorchServe wants exactly one class in this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
+from torchserve_gradnorm.service import GradNormService
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE_HEADER = "X-GradNorm-Batch-Size"
+
+
+class GradNormHandler(BaseHandler):
+    def initialize(self, context):
+        try:
+            config = parse_handler_config(
+                handler_section(getattr(context, "model_yaml_config", None))
+            )
+            super().initialize(context)
+            self.service = GradNormService(self.model, config, self.mapping)
+            self.service.warm_up()
+        except ConfigError as e:
+            logger.error("gradnorm: model not loaded, invalid model-config.yaml: %s", e)
+            raise
+        logger.info(
+            "gradnorm: scoring %d parameter tensors with %s/%s on %s",
+            len(self.service.scorer.selected),
+            config.method,
+            self.service.scorer.backend,
+            self.device,
+        )
+
+    def preprocess(self, data):
+        return data  # decoded per request by the service, so that one bad body fails alone
+
+    def inference(self, data, *args, **kwargs):
+        # BaseHandler.inference runs under torch.inference_mode(), which forbids gradients
+        return self.service.handle(data)
+
+    def postprocess(self, replies):
+        batch_size = str(self.service.last.samples)
+        for idx, reply in enumerate(replies):
+            if reply.status != 200:
+                self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
+            self.context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
+        return [reply.body for reply in replies]

@@ -1,0 +1,133 @@
+"""gradnorm-archive: pack a classifier into a self-contained TorchServe .mar.
+
+Same flags as torch-model-archiver where they overlap, plus ``--labels``. The handler
+config is validated with the code the server runs at load, before anything is packed; the
+archive carries the ``torchserve_gradnorm`` package, so the TorchServe host does not need
+this project installed. Packing itself is torch-model-archiver's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+import torchserve_gradnorm
+from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
+
+PACKAGE_DIR = Path(torchserve_gradnorm.__file__).resolve().parent
+
+
+def entry_module_path() -> Path:
+    spec = importlib.util.find_spec("gradnorm_handler")
+    if spec is None or spec.origin is None:
+        raise SystemExit("gradnorm-archive: cannot find gradnorm_handler.py (is the project installed?)")
+    return Path(spec.origin)
+
+
+_RUN_ARCHIVER = (
+    "import sys; from model_archiver.model_packaging import generate_model_archive; "
+    "sys.argv[0] = 'torch-model-archiver'; sys.exit(generate_model_archive())"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gradnorm-archive",
+        description="Pack a classifier with the gradient-norm OOD handler into a .mar.",
+    )
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--model-file", help="Python file with the model class (eager models)")
+    p.add_argument(
+        "--serialized-file",
+        required=True,
+        help="state_dict (with --model-file) or TorchScript .pt file",
+    )
+    p.add_argument("--config-file", help="model-config.yaml with a handler: section")
+    p.add_argument("--extra-files", default="", help="comma-separated files to ship too")
+    p.add_argument("--labels", help="index_to_name.json: {\"0\": \"cat\", ...}")
+    p.add_argument("--export-path", default="model_store")
+    p.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    return p
+
+
+def validate_config(path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        with open(path) as f:
+            document = yaml.safe_load(f)
+        parse_handler_config(handler_section(document))
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"gradnorm-archive: cannot read {path}: {e}") from None
+    except ConfigError as e:
+        raise SystemExit(f"gradnorm-archive: {path}: {e}") from None
+
+
+def validate_labels(path: str) -> None:
+    try:
+        with open(path) as f:
+            labels = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"gradnorm-archive: cannot read labels {path}: {e}") from None
+    if not isinstance(labels, dict) or not all(k.isdigit() for k in labels):
+        raise SystemExit(f"gradnorm-archive: {path}: expected {{\"0\": \"label\", ...}}")
+
+
+def archiver_command(args: argparse.Namespace, stage: Path) -> list[str]:
+    # --extra-files copies a directory's *contents* to the archive root, so the package is
+    # staged one level down and the archive root gets torchserve_gradnorm/.
+    library = stage / "library"
+    shutil.copytree(
+        PACKAGE_DIR,
+        library / "torchserve_gradnorm",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "cli"),
+    )
+    extra = [str(library)]
+    if args.labels:
+        validate_labels(args.labels)
+        shutil.copy(args.labels, stage / "index_to_name.json")
+        extra.append(str(stage / "index_to_name.json"))
+    extra += [f for f in args.extra_files.split(",") if f]
+    command = [
+        # the archiver of this interpreter's environment, whether or not its bin/ is on PATH
+        sys.executable, "-c", _RUN_ARCHIVER,
+        "--model-name", args.model_name,
+        "--version", args.version,
+        "--handler", str(entry_module_path()),
+        "--serialized-file", args.serialized_file,
+        "--extra-files", ",".join(extra),
+        "--export-path", args.export_path,
+    ]  # fmt: skip
+    if args.model_file:
+        command += ["--model-file", args.model_file]
+    if args.config_file:
+        command += ["--config-file", args.config_file]
+    if args.force:
+        command.append("--force")
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    validate_config(args.config_file)
+    Path(args.export_path).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gradnorm-archive-") as tmp:
+        command = archiver_command(args, Path(tmp))
+        result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        return result.returncode
+    print(f"wrote {Path(args.export_path) / (args.model_name + '.mar')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

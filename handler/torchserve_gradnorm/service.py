@@ -1,0 +1,140 @@
+"""One server-side batch in, one answer per request out; no TorchServe types here.
+
+Requests are decoded one by one (a bad one gets its own 4xx answer), the good ones are
+stacked and scored in one batched pass, and the rows are split back to their requests. If
+the batched pass fails, each request is scored alone, so one input the model chokes on
+cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import BackendUnsupported
+from .codecs import Decoded, RequestDecoder, RequestError, request_payload
+from .config import ConfigError, HandlerConfig
+from .filters import select_parameters
+from .response import error_answer, prediction_answers
+from .scorer import GradNormScorer, ScoreResult
+
+log = logging.getLogger("torchserve_gradnorm")
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    ood_scores: list[float] = field(default_factory=list)
+    """One per scored sample (several for an ``instances`` request)."""
+    flags: list[bool | None] = field(default_factory=list)
+
+
+@dataclass
+class BatchStats:
+    requests: int = 0
+    samples: int = 0
+    scoring_ms: float = 0.0
+    replies: list[Reply] = field(default_factory=list)
+
+
+class GradNormService:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: HandlerConfig,
+        labels: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.labels = labels
+        # errors here are configuration errors: name the key that caused them
+        try:
+            select_parameters(model, config.param_filter)
+        except ValueError as e:
+            raise ConfigError("handler.param_filter", str(e)) from None
+        try:
+            self.scorer = GradNormScorer(model, **config.scorer_kwargs())
+        except ValueError as e:
+            raise ConfigError("handler.backend", str(e)) from None
+        self.decoder = RequestDecoder(config.input, config.limits)
+        self.last = BatchStats()
+
+    def warm_up(self) -> None:
+        """Score one zero sample, so that backend checks and fallbacks happen at load."""
+        example = self.decoder.example()
+        if example is None:
+            return
+        try:
+            self.scorer(example)
+        except BackendUnsupported as e:
+            raise ConfigError("handler.backend", f"{self.scorer.backend!r}: {e}") from None
+
+    def handle(self, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
+        replies: list[Reply | None] = [None] * len(requests)
+        decoded: dict[int, Decoded] = {}
+        for i, request in enumerate(requests):
+            try:
+                decoded[i] = self.decoder.decode(request_payload(request))
+            except RequestError as e:
+                replies[i] = Reply(e.status, error_answer(e.status, e.message))
+        start = time.perf_counter()
+        if decoded:
+            for i, reply in self._score(decoded).items():
+                replies[i] = reply
+        scoring_ms = (time.perf_counter() - start) * 1000.0
+        done = [r for r in replies if r is not None]
+        self.last = BatchStats(
+            len(requests), sum(len(d.samples) for d in decoded.values()), scoring_ms, done
+        )
+        return done
+
+    def _score(self, decoded: dict[int, Decoded]) -> dict[int, Reply]:
+        try:
+            return self._score_together(decoded)
+        except Exception as e:
+            if len(decoded) == 1:
+                (i,) = decoded
+                log.warning("gradnorm: the model could not score request %d: %s", i, e)
+                message = f"the model could not score this input: {type(e).__name__}: {e}"
+                return {i: Reply(400, error_answer(400, message))}
+            log.warning("gradnorm: batched scoring failed (%s); scoring requests one by one", e)
+            replies: dict[int, Reply] = {}
+            for i, d in decoded.items():
+                replies.update(self._score({i: d}))
+            return replies
+
+    def _score_together(self, decoded: dict[int, Decoded]) -> dict[int, Reply]:
+        batch = torch.cat([d.samples for d in decoded.values()])
+        result = self.scorer(batch)
+        answers = self._answers(result)
+        replies: dict[int, Reply] = {}
+        row = 0
+        for i, d in decoded.items():
+            mine = answers[row : row + len(d.samples)]
+            row += len(d.samples)
+            body = mine if d.many else mine[0]
+            replies[i] = Reply(
+                200,
+                body,
+                [a["ood"]["score"] for a in mine],
+                [a["ood"]["is_ood"] for a in mine],
+            )
+        return replies
+
+    def _answers(self, result: ScoreResult) -> list[dict[str, Any]]:
+        return prediction_answers(
+            result.logits,
+            result.grad_norm,
+            result.ood_score,
+            method=self.config.method,
+            top_k=self.config.top_k,
+            threshold=self.config.threshold,
+            labels=self.labels,
+            per_layer=result.per_layer,
+        )

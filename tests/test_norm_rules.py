@@ -1,0 +1,441 @@
+"""Each norm rule of the fast backend gives the loop backend's per-sample norms, parameter by
+parameter, and the fast backend refuses the layers and graphs its rules cannot score exactly.
+
+Every case scores a tiny float64 classifier (the layer under test, tanh, flatten, a Linear
+head) with ``per_layer=True`` under both methods, with random weights, biases and BatchNorm
+running statistics, so that no norm is trivially zero or one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchserve_gradnorm import BackendUnsupported, GradNormScorer
+from torchserve_gradnorm.norms import linear as linear_rule
+
+METHODS = ("confounding", "kl")
+BATCH = 3
+CLASSES = 3
+RTOL = 1e-7
+ATOL = 1e-12  # only matters where an entry is exactly zero (e.g. a sample of padding tokens)
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random parameters and BatchNorm running statistics, all away from the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.7 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) - 0.5)
+                m.running_var.copy_(
+                    0.5 + 1.5 * torch.rand(m.running_var.shape, generator=generator)
+                )
+    return model
+
+
+class Classifier(nn.Module):
+    """``body`` (the layer under test), then tanh, flatten and a Linear head."""
+
+    def __init__(self, body: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        self.body = body
+        with torch.no_grad():
+            features = body(example).flatten(1).shape[1]
+        self.head = nn.Linear(features, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x).flatten(1)))
+
+
+def inputs(*shape: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, *shape, generator=generator, dtype=torch.float64)
+
+
+def classifier(body: nn.Module, x: torch.Tensor) -> nn.Module:
+    body = randomize_(body.double().eval())
+    return randomize_(Classifier(body, x).double().eval())
+
+
+def assert_fast_matches_loop(model: nn.Module, x: torch.Tensor, method: str) -> None:
+    fast = GradNormScorer(model, method=method, backend="fast", per_layer=True)
+    loop = GradNormScorer(model, method=method, backend="loop", per_layer=True)
+    got, want = fast(x), loop(x)
+    assert fast.backend == "fast"
+    names = [n for n, _ in model.named_parameters()]
+    assert list(got.per_layer) == list(want.per_layer) == names
+    for name in names:
+        # The case must exercise the rule: the layer under test has a non-zero gradient.
+        assert want.per_layer[name].abs().sum() > 0, f"{name} has no gradient in this case"
+        torch.testing.assert_close(
+            got.per_layer[name],
+            want.per_layer[name],
+            rtol=RTOL,
+            atol=ATOL,
+            msg=lambda m, name=name: f"{method}, parameter {name}: {m}",
+        )
+    torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got.logits, want.logits, rtol=RTOL, atol=ATOL)
+
+
+def case(body: nn.Module, *shape: int, id: str):
+    return pytest.param(body, shape, id=id)
+
+
+# --- Linear --------------------------------------------------------------------------------
+
+# The squared-L2 weight norm of a Linear on (B, T, d_in) inputs (T > 1) takes the "ghost norm"
+# branch when 2 T^2 <= d_in * d_out and builds each sample's G^T A otherwise (linear.py);
+# the L1 norm always builds it. d_in * d_out = 24 for Linear(4, 6) and 48 for Linear(6, 8).
+LINEAR_CASES = [
+    pytest.param(nn.Linear(5, 4), (5,), "outer", id="2d-input"),
+    pytest.param(nn.Linear(5, 4, bias=False), (5,), "outer", id="2d-input-no-bias"),
+    pytest.param(nn.Linear(4, 6), (2, 4), "ghost", id="3d-input-ghost-T2"),
+    pytest.param(nn.Linear(4, 6), (5, 4), "build", id="3d-input-build-T5"),
+    pytest.param(nn.Linear(4, 6, bias=False), (3, 4), "ghost", id="3d-input-ghost-T3-no-bias"),
+    pytest.param(nn.Linear(6, 8), (2, 2, 6), "ghost", id="4d-input-ghost-T4"),
+    pytest.param(nn.Linear(6, 8), (3, 4, 6), "build", id="4d-input-build-T12"),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("layer", "shape", "branch"), LINEAR_CASES)
+def test_linear_rule_matches_loop(layer, shape, branch, method):
+    x = inputs(*shape)
+    assert_fast_matches_loop(classifier(layer, x), x, method)
+
+
+@pytest.fixture
+def linear_weight_products(monkeypatch):
+    """Records how linear.py got each weight norm: the shapes of outer products it took and
+    of per-sample weight gradients it built."""
+    seen: dict[str, list[tuple[int, ...]]] = {"outer": [], "built": []}
+    outer, norm = linear_rule.outer_product_norm, linear_rule.per_sample_norm
+
+    def spy_outer(g, a, kind):
+        seen["outer"].append((g.shape[1], a.shape[1]))
+        return outer(g, a, kind)
+
+    def spy_norm(grad, kind):
+        if grad.dim() == 3:
+            seen["built"].append(tuple(grad.shape[1:]))
+        return norm(grad, kind)
+
+    monkeypatch.setattr(linear_rule, "outer_product_norm", spy_outer)
+    monkeypatch.setattr(linear_rule, "per_sample_norm", spy_norm)
+    return seen
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("layer", "shape", "branch"), LINEAR_CASES)
+def test_linear_cases_take_the_branch_they_are_named_for(
+    layer, shape, branch, method, linear_weight_products
+):
+    x = inputs(*shape)
+    model = classifier(layer, x)
+    GradNormScorer(model, method=method, backend="fast")(x)
+    d_out, d_in = layer.weight.shape
+    if branch == "outer":
+        assert (d_out, d_in) in linear_weight_products["outer"]
+        return
+    assert (d_out, d_in) not in linear_weight_products["outer"]
+    positions = x[0].numel() // d_in
+    if method == "kl":  # L1: no shortcut, always built
+        assert (d_out, d_in) in linear_weight_products["built"]
+    elif branch == "ghost":
+        assert 2 * positions**2 <= d_in * d_out
+        assert (d_out, d_in) not in linear_weight_products["built"]
+    else:
+        assert 2 * positions**2 > d_in * d_out
+        assert (d_out, d_in) in linear_weight_products["built"]
+
+
+# --- convolutions --------------------------------------------------------------------------
+
+CONV_CASES = [
+    case(nn.Conv1d(2, 4, 3, stride=2, padding=1), 2, 9, id="1d-stride-pad"),
+    case(nn.Conv1d(2, 3, 3, stride=2), 2, 8, id="1d-stride-leaves-last-column-unused"),
+    case(nn.Conv1d(3, 2, 4, padding="valid", bias=False), 3, 8, id="1d-valid-no-bias"),
+    case(
+        nn.Conv1d(4, 6, 3, padding="same", dilation=2, groups=2, padding_mode="circular"),
+        4,
+        7,
+        id="1d-same-dilation-groups-circular",
+    ),
+    case(nn.Conv1d(2, 3, 3, stride=2, padding=2, padding_mode="reflect"), 2, 8, id="1d-reflect"),
+    case(
+        nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), groups=2),
+        4,
+        7,
+        5,
+        id="2d-tuple-kernel-stride-pad-groups",
+    ),
+    case(nn.Conv2d(3, 4, 3, padding="same"), 3, 5, 6, id="2d-same-odd-kernel"),
+    case(
+        nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(2, 1)),
+        2,
+        6,
+        5,
+        id="2d-same-even-kernel-made-odd-by-dilation",
+    ),
+    case(nn.Conv2d(2, 4, 3, stride=2, dilation=2, bias=False), 2, 9, 8, id="2d-dilation-no-bias"),
+    case(
+        nn.Conv2d(3, 3, 3, padding=1, groups=3, padding_mode="reflect"),
+        3,
+        5,
+        5,
+        id="2d-depthwise-reflect",
+    ),
+    case(
+        nn.Conv2d(2, 2, 3, padding="same", dilation=2, padding_mode="reflect"),
+        2,
+        6,
+        6,
+        id="2d-same-dilation-reflect",
+    ),
+    case(
+        nn.Conv2d(2, 4, 3, stride=(1, 2), padding=(2, 1), padding_mode="circular"),
+        2,
+        5,
+        6,
+        id="2d-circular-stride",
+    ),
+    case(
+        nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2)),
+        2,
+        4,
+        5,
+        6,
+        id="3d-stride-pad-dilation",
+    ),
+    case(
+        nn.Conv3d(4, 2, 2, groups=2, padding="valid", bias=False),
+        4,
+        3,
+        3,
+        3,
+        id="3d-valid-groups-no-bias",
+    ),
+    case(
+        nn.Conv3d(2, 2, 3, padding="same", padding_mode="circular"), 2, 3, 4, 3, id="3d-same-circ"
+    ),
+    case(
+        nn.Conv3d(2, 3, (1, 3, 3), padding=(0, 1, 1), groups=1, padding_mode="reflect"),
+        2,
+        2,
+        4,
+        4,
+        id="3d-reflect",
+    ),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("layer", "shape"), CONV_CASES)
+def test_conv_rule_matches_loop(layer, shape, method):
+    x = inputs(*shape)
+    assert_fast_matches_loop(classifier(layer, x), x, method)
+
+
+# --- normalization layers ------------------------------------------------------------------
+
+NORM_CASES = [
+    case(nn.BatchNorm1d(4), 4, id="batchnorm1d-(B,C)"),
+    case(nn.BatchNorm1d(4), 4, 5, id="batchnorm1d-(B,C,L)"),
+    case(nn.BatchNorm2d(3, eps=1e-3), 3, 4, 5, id="batchnorm2d"),
+    case(nn.BatchNorm3d(2), 2, 3, 4, 3, id="batchnorm3d"),
+    case(nn.LayerNorm(5), 5, id="layernorm-1-dim-(B,D)"),
+    case(nn.LayerNorm(5), 3, 5, id="layernorm-1-dim-over-positions"),
+    case(nn.LayerNorm((3, 5)), 3, 5, id="layernorm-2-dims-(B,H,W)"),
+    case(nn.LayerNorm((3, 5)), 2, 3, 5, id="layernorm-2-dims-over-positions"),
+    case(nn.LayerNorm(5, bias=False), 4, 5, id="layernorm-no-bias"),
+    case(nn.LayerNorm((2, 3), elementwise_affine=True, eps=1e-2), 4, 2, 3, id="layernorm-eps"),
+    case(nn.GroupNorm(2, 4), 4, 3, 3, id="groupnorm-2d"),
+    case(nn.GroupNorm(3, 6), 6, 5, id="groupnorm-1d"),
+    case(nn.GroupNorm(1, 3), 3, id="groupnorm-(B,C)"),
+    case(nn.GroupNorm(4, 4), 4, 2, 2, 2, id="groupnorm-3d-one-channel-per-group"),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("layer", "shape"), NORM_CASES)
+def test_normalization_rule_matches_loop(layer, shape, method):
+    x = inputs(*shape)
+    assert_fast_matches_loop(classifier(layer, x), x, method)
+
+
+# --- Embedding -----------------------------------------------------------------------------
+
+REPEATS = torch.tensor([[1, 2, 1, 3, 1], [4, 4, 4, 4, 4], [5, 6, 7, 0, 2]])
+PADDED = torch.tensor([[0, 1, 0, 1, 2], [0, 0, 0, 0, 0], [3, 0, 3, 4, 5]])
+
+EMBEDDING_CASES = [
+    pytest.param(nn.Embedding(8, 3), REPEATS, id="repeated-tokens"),
+    pytest.param(nn.Embedding(8, 3), REPEATS.reshape(3, 1, 5).repeat(1, 2, 1), id="2d-ids"),
+    pytest.param(nn.Embedding(8, 3, padding_idx=0), PADDED, id="padding-idx-0"),
+    pytest.param(nn.Embedding(8, 3, padding_idx=-7), REPEATS, id="negative-padding-idx"),
+    pytest.param(nn.Embedding(8, 3), REPEATS[:, 0], id="one-token-per-sample"),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("layer", "ids"), EMBEDDING_CASES)
+def test_embedding_rule_matches_loop(layer, ids, method):
+    model = classifier(layer, ids)
+    if isinstance(layer.padding_idx, int):
+        # a padding row that is not zero must still get no gradient
+        assert model.body.weight[layer.padding_idx].abs().sum() > 0
+    assert_fast_matches_loop(model, ids, method)
+
+
+# --- layers the fast backend refuses when it is built --------------------------------------
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward is not nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+REFUSED_AT_CONSTRUCTION = [
+    pytest.param(nn.Embedding(8, 3, max_norm=1.0), torch.tensor([[1, 2]]), id="embedding-max-norm"),
+    pytest.param(
+        nn.Embedding(8, 3, scale_grad_by_freq=True),
+        torch.tensor([[1, 2]]),
+        id="embedding-scale-grad-by-freq",
+    ),
+    pytest.param(
+        nn.BatchNorm2d(2, track_running_stats=False),
+        torch.zeros(1, 2, 3, 3),
+        id="batchnorm-without-running-stats",
+    ),
+    pytest.param(ScaledLinear(4, 3), torch.zeros(1, 4), id="linear-subclass-with-own-forward"),
+    pytest.param(
+        nn.Conv2d(2, 3, 2, padding="same"), torch.zeros(1, 2, 4, 4), id="conv2d-same-even-kernel"
+    ),
+    pytest.param(
+        nn.Conv1d(2, 3, 4, padding="same"), torch.zeros(1, 2, 6), id="conv1d-same-even-kernel"
+    ),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize(("layer", "example"), REFUSED_AT_CONSTRUCTION)
+def test_fast_backend_refuses_layers_it_cannot_score_exactly(layer, example):
+    model = Classifier(layer, example).eval()
+    with pytest.raises(ValueError, match="backend 'fast' cannot score this model"):
+        GradNormScorer(model, backend="fast")
+    assert GradNormScorer(model, backend="auto").backend == "vmap"
+
+
+def test_a_linear_subclass_that_keeps_linear_forward_is_accepted():
+    class MyLinear(nn.Linear):
+        pass
+
+    x = inputs(4)
+    model = classifier(MyLinear(4, 3), x)
+    assert GradNormScorer(model, backend="fast").backend == "fast"
+    assert_fast_matches_loop(model, x, "confounding")
+
+
+# --- graphs the fast backend refuses when it runs ------------------------------------------
+
+
+class SharedLayer(nn.Module):
+    """One Linear applied ``passes`` times (twice by default) in the same forward."""
+
+    def __init__(self, passes: int = 2) -> None:
+        super().__init__()
+        self.passes = passes
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.passes):
+            x = torch.tanh(self.shared(x))
+        return self.head(x)
+
+
+class TiedFunctionalHead(nn.Module):
+    """Token classifier whose head reuses the embedding matrix through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.embed(ids).mean(1)))
+        return F.linear(h, self.embed.weight)
+
+
+class TiedModuleHead(nn.Module):
+    """Token classifier whose Linear head holds the embedding's Parameter as its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 6)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids).mean(1)))
+
+
+TOKENS = torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]])
+REFUSED_AT_CALL = [
+    pytest.param(SharedLayer, inputs(4), id="layer-called-twice"),
+    pytest.param(TiedFunctionalHead, TOKENS, id="embedding-weight-reused-by-F.linear"),
+    pytest.param(TiedModuleHead, TOKENS, id="embedding-weight-tied-to-a-Linear-head"),
+]
+
+
+@pytest.mark.parametrize(("make", "x"), REFUSED_AT_CALL)
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_backend_refuses_shared_or_tied_weights_when_called(make, x, method):
+    model = randomize_(make().double().eval())
+    scorer = GradNormScorer(model, method=method, backend="fast")  # not detectable up front
+    with pytest.raises((ValueError, BackendUnsupported)):
+        scorer(x)
+
+
+@pytest.mark.parametrize(("make", "x"), REFUSED_AT_CALL)
+@pytest.mark.parametrize("method", METHODS)
+def test_auto_falls_back_to_vmap_for_shared_or_tied_weights_and_matches_loop(make, x, method):
+    model = randomize_(make().double().eval())
+    auto = GradNormScorer(model, method=method, backend="auto", per_layer=True)
+    assert auto.backend == "fast"
+    got = auto(x)
+    assert auto.backend == "vmap"
+    want = GradNormScorer(model, method=method, backend="loop", per_layer=True)(x)
+    assert list(got.per_layer) == list(want.per_layer)
+    for name in want.per_layer:
+        torch.testing.assert_close(got.per_layer[name], want.per_layer[name], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got.logits, want.logits, rtol=RTOL, atol=ATOL)
+
+
+def test_fast_backend_refuses_a_layer_that_runs_twice_only_after_a_clean_first_call():
+    """The graph is inspected on the first call only; the call count is checked every time."""
+    model = randomize_(SharedLayer(passes=1).double().eval())
+    x = inputs(4)
+    fast = GradNormScorer(model, backend="fast")
+    auto = GradNormScorer(model, backend="auto")
+    fast(x), auto(x)
+    assert auto.backend == "fast"
+    model.passes = 2
+    with pytest.raises((ValueError, BackendUnsupported)):
+        fast(x)
+    got = auto(x)
+    assert auto.backend == "vmap"
+    want = GradNormScorer(model, backend="loop")(x)
+    torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=RTOL, atol=ATOL)

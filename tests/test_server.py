@@ -1,0 +1,237 @@
+"""End to end: a real TorchServe serves the demo archive, a TorchScript archive, and the
+same model with the vmap and loop backends; answers are checked with ``requests``."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from torchserve_harness import REPO, TorchServe, build_archive
+
+from torchserve_gradnorm.codecs import RequestDecoder
+from torchserve_gradnorm.config import handler_section, parse_handler_config
+from torchserve_gradnorm.scorer import GradNormScorer
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
+    pytest.skip("TorchServe needs Java (java not found on PATH)", allow_module_level=True)
+
+DIGITS = REPO / "samples/digits"
+ID_PICTURE = REPO / "samples/images/id/digit_3_idx45.png"
+OOD_PICTURE = REPO / "samples/images/ood/letter_W.png"
+BATCH_HEADER = "X-GradNorm-Batch-Size"
+
+
+def demo_config() -> dict:
+    return yaml.safe_load((DIGITS / "model-config.yaml").read_text())
+
+
+def write_config(path: Path, **handler_overrides) -> Path:
+    config = demo_config()
+    # a long batch delay makes concurrent test requests land in one server-side batch
+    config.update(batchSize=8, maxBatchDelay=400)
+    config["handler"].update(handler_overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def load_demo_model() -> torch.nn.Module:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.DigitsCNN()
+    model.load_state_dict(torch.load(DIGITS / "digits_cnn.pt", weights_only=True))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("torchserve")
+    store = work / "model_store"
+    store.mkdir()
+    serialized = DIGITS / "digits_cnn.pt"
+    build_archive(
+        store, "digits", serialized, write_config(work / "auto.yaml"), DIGITS / "model.py"
+    )
+    for backend in ("vmap", "loop"):
+        build_archive(
+            store,
+            f"digits_{backend}",
+            serialized,
+            write_config(work / f"{backend}.yaml", backend=backend),
+            DIGITS / "model.py",
+        )
+    scripted = work / "digits_scripted.pt"
+    torch.jit.save(torch.jit.script(load_demo_model()), scripted)
+    build_archive(store, "digits_ts", scripted, write_config(work / "ts.yaml"))
+    # gradnorm-archive refuses a bad config, so the broken archive is edited after packing
+    good = build_archive(
+        store, "good", serialized, write_config(work / "good.yaml"), DIGITS / "model.py"
+    )
+    with_config(good, store / "broken.mar", write_config(work / "broken.yaml", top_k=0))
+    good.unlink()
+    ts = TorchServe(work, store, ["digits", "digits_vmap", "digits_loop", "digits_ts", "broken"])
+    try:
+        ts.start(ready_models=["digits", "digits_vmap", "digits_loop", "digits_ts"])
+        yield ts
+    finally:
+        ts.stop()
+
+
+def with_config(archive: Path, target: Path, config: Path) -> None:
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w") as dst:
+        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == manifest["model"]["configFile"]:
+                data = config.read_bytes()
+            dst.writestr(item, data)
+
+
+def post(server, model: str, **kwargs) -> requests.Response:
+    return requests.post(
+        f"{server.url}/predictions/{model}", headers=server.headers(), timeout=60, **kwargs
+    )
+
+
+def offline_grad_norm(picture: Path) -> float:
+    config = parse_handler_config(handler_section(demo_config()))
+    x = RequestDecoder(config.input, config.limits).decode(picture.read_bytes()).samples
+    return GradNormScorer(load_demo_model(), **config.scorer_kwargs())(x).grad_norm.item()
+
+
+def test_a_picture_gets_predictions_and_an_ood_score(server):
+    r = post(server, "digits", data=ID_PICTURE.read_bytes())
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [p["label"] for p in answer["predictions"]][0] == "three"
+    assert len(answer["predictions"]) == 3  # top_k in the demo config
+    assert answer["ood"]["method"] == "confounding"
+    assert answer["ood"]["is_ood"] is None and answer["ood"]["threshold"] is None
+    assert answer["ood"]["score"] == pytest.approx(-answer["ood"]["grad_norm"])
+
+
+def test_served_grad_norm_equals_the_offline_engine_score(server):
+    for picture in (ID_PICTURE, OOD_PICTURE):
+        served = post(server, "digits", data=picture.read_bytes()).json()["ood"]["grad_norm"]
+        assert served == pytest.approx(offline_grad_norm(picture), rel=1e-5)
+
+
+def test_json_tensor_and_multipart_inputs_score_like_the_picture(server):
+    config = parse_handler_config(handler_section(demo_config()))
+    x = RequestDecoder(config.input, config.limits).decode(ID_PICTURE.read_bytes()).samples[0]
+    from_picture = post(server, "digits", data=ID_PICTURE.read_bytes()).json()
+    from_json = post(server, "digits", json={"data": x.tolist()}).json()
+    buffer = io.BytesIO()
+    np.save(buffer, x.numpy())
+    from_npy = post(server, "digits", data=buffer.getvalue()).json()
+    from_form = post(server, "digits", files={"data": ID_PICTURE.read_bytes()}).json()
+    for other in (from_json, from_npy, from_form):
+        assert other["predictions"][0]["index"] == from_picture["predictions"][0]["index"]
+        assert other["ood"]["grad_norm"] == pytest.approx(
+            from_picture["ood"]["grad_norm"], rel=1e-5
+        )
+
+
+def test_instances_get_one_answer_each(server):
+    config = parse_handler_config(handler_section(demo_config()))
+    decoder = RequestDecoder(config.input, config.limits)
+    a = decoder.decode(ID_PICTURE.read_bytes()).samples[0].tolist()
+    b = decoder.decode(OOD_PICTURE.read_bytes()).samples[0].tolist()
+    answers = post(server, "digits", json={"instances": [a, b]}).json()
+    assert isinstance(answers, list) and len(answers) == 2
+    assert answers[0]["ood"]["grad_norm"] == pytest.approx(offline_grad_norm(ID_PICTURE), rel=1e-5)
+    assert answers[1]["ood"]["grad_norm"] == pytest.approx(offline_grad_norm(OOD_PICTURE), rel=1e-5)
+
+
+def send_together(server, model: str, bodies: list[bytes]) -> list[requests.Response]:
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body: bytes) -> requests.Response:
+        barrier.wait()
+        return post(server, model, data=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))
+
+
+def test_concurrent_requests_are_scored_as_one_batch_with_unchanged_scores(server):
+    pictures = sorted((REPO / "samples/images/id").glob("*.png"))[:6]
+    alone = {p: post(server, "digits", data=p.read_bytes()).json() for p in pictures}
+    responses = send_together(server, "digits", [p.read_bytes() for p in pictures])
+    assert all(r.status_code == 200 for r in responses)
+    assert max(int(r.headers[BATCH_HEADER]) for r in responses) > 1
+    for picture, r in zip(pictures, responses):
+        got, expected = r.json(), alone[picture]
+        assert got["predictions"][0]["index"] == expected["predictions"][0]["index"]
+        assert got["ood"]["grad_norm"] == pytest.approx(expected["ood"]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad_body",
+    [b"\x89PNG\r\n\x1a\n truncated", b'{"data": [[1, 2], [3]]}', b'{"data": NaN}', b"   "],
+    ids=["truncated-png", "ragged-json", "nan", "blank"],
+)
+def test_a_malformed_request_fails_alone_inside_a_batch(server, bad_body):
+    good = [p.read_bytes() for p in sorted((REPO / "samples/images/id").glob("*.png"))[:4]]
+    responses = send_together(server, "digits", [*good, bad_body])
+    *good_responses, bad = responses
+    assert [r.status_code for r in good_responses] == [200] * 4
+    assert 400 <= bad.status_code < 500
+    assert bad.json()["error"]["message"]
+    assert max(int(r.headers[BATCH_HEADER]) for r in good_responses) > 1
+    # the worker survived: the next request is answered
+    assert post(server, "digits", data=good[0]).status_code == 200
+
+
+def test_torchscript_archive_scores_like_the_eager_one(server):
+    eager = post(server, "digits", data=OOD_PICTURE.read_bytes()).json()
+    scripted = post(server, "digits_ts", data=OOD_PICTURE.read_bytes()).json()
+    assert [p["index"] for p in scripted["predictions"]] == [
+        p["index"] for p in eager["predictions"]
+    ]
+    assert [p["probability"] for p in scripted["predictions"]] == pytest.approx(
+        [p["probability"] for p in eager["predictions"]], rel=1e-5
+    )
+    assert scripted["ood"]["grad_norm"] == pytest.approx(eager["ood"]["grad_norm"], rel=1e-5)
+
+
+def test_vmap_and_loop_archives_give_the_same_scores(server):
+    for picture in (ID_PICTURE, OOD_PICTURE):
+        body = picture.read_bytes()
+        scores = [
+            post(server, m, data=body).json()["ood"]["grad_norm"]
+            for m in ("digits", "digits_vmap", "digits_loop")
+        ]
+        assert scores[1] == pytest.approx(scores[0], rel=1e-5)
+        assert scores[2] == pytest.approx(scores[0], rel=1e-5)
+
+
+def test_requests_without_the_token_are_refused(server):
+    r = requests.post(f"{server.url}/predictions/digits", data=ID_PICTURE.read_bytes(), timeout=30)
+    assert r.status_code in (400, 401), r.text
+    assert "token" in r.text.lower()
+
+
+def test_a_bad_handler_config_fails_the_model_load_with_the_key_in_the_log(server):
+    expected = "invalid model-config.yaml: handler.top_k: expected an integer >= 1, got 0"
+    deadline = time.monotonic() + 90
+    while expected not in server.model_log() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert expected in server.model_log()
+    # the other models keep serving while this one's worker fails
+    assert post(server, "digits", data=ID_PICTURE.read_bytes()).status_code == 200

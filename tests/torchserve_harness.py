@@ -1,0 +1,183 @@
+"""A real TorchServe (Java frontend + Python workers) in a temporary folder, for tests.
+
+Ports are picked free on 127.0.0.1; the server runs in its own process group, so stopping
+it takes every worker down with it, and ``stop()`` checks that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_archive(
+    export_path: Path,
+    name: str,
+    serialized_file: Path,
+    config_file: Path,
+    model_file: Path | None = None,
+    labels: Path | None = REPO / "samples/digits/index_to_name.json",
+) -> Path:
+    command = [
+        str(Path(sys.executable).parent / "gradnorm-archive"),
+        "--model-name", name,
+        "--serialized-file", str(serialized_file),
+        "--config-file", str(config_file),
+        "--export-path", str(export_path),
+        "--force",
+    ]  # fmt: skip
+    if model_file is not None:
+        command += ["--model-file", str(model_file)]
+    if labels is not None:
+        command += ["--labels", str(labels)]
+    subprocess.run(command, check=True, capture_output=True)
+    return export_path / f"{name}.mar"
+
+
+class TorchServe:
+    def __init__(self, workdir: Path, model_store: Path, models: list[str]) -> None:
+        self.workdir = workdir
+        self.model_store = model_store
+        self.models = models
+        self.inference_port = free_port()
+        self.management_port = free_port()
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = workdir / "torchserve.out"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.inference_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 120.0, ready_models: list[str] | None = None) -> None:
+        config = self.workdir / "config.properties"
+        config.write_text(
+            "\n".join(
+                [
+                    f"inference_address=http://127.0.0.1:{self.inference_port}",
+                    f"management_address=http://127.0.0.1:{self.management_port}",
+                    f"metrics_address=http://127.0.0.1:{self.metrics_port}",
+                    "enable_model_api=false",
+                    "metrics_mode=prometheus",
+                    "default_workers_per_model=1",
+                    "install_py_dep_per_model=false",
+                ]
+            )
+            + "\n"
+        )
+        torchserve = Path(sys.executable).parent / "torchserve"
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        with open(self.log_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    str(torchserve),
+                    "--start",
+                    "--foreground",
+                    "--ncs",
+                    "--ts-config",
+                    str(config),
+                    "--model-store",
+                    str(self.model_store),
+                    "--models",
+                    *[f"{m}={m}.mar" for m in self.models],
+                ],  # fmt: skip
+                cwd=self.workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self._wait_ready(ready_models if ready_models is not None else self.models, timeout)
+
+    def key(self, api: str = "inference") -> str:
+        return json.loads((self.workdir / "key_file.json").read_text())[api]["key"]
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key()}"}
+
+    def model_log(self) -> str:
+        path = self.workdir / "logs" / "model_log.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _wait_ready(self, models: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(models)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                for model in list(pending):
+                    r = requests.get(
+                        f"http://127.0.0.1:{self.management_port}/models/{model}",
+                        headers={"Authorization": f"Bearer {self.key('management')}"},
+                        timeout=5,
+                    )
+                    workers = r.json()[0]["workers"] if r.ok else []
+                    if any(w["status"] == "READY" for w in workers):
+                        pending.discard(model)
+                if not pending:
+                    return
+            except (requests.RequestException, FileNotFoundError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"models {sorted(pending)} not ready; model log:\n{self.model_log()[-4000:]}"
+        )
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        # workers share the process group; make sure none outlives the frontend
+        deadline = time.monotonic() + 15
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            time.sleep(0.5)
+        self.process = None
+        assert not _group_alive(pgid), "TorchServe processes left behind"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # zombies still count for killpg; only report live processes
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
