@@ -68,7 +68,9 @@ def get_method(name: str) -> Method:
 
 def per_sample_norm(grad: Tensor, kind: NormKind) -> Tensor:
     """Norm of each row of a per-sample gradient of shape (B, ...), as (B,)."""
+    # vector_norm reduces without materializing grad**2 or |grad|, which for a per-sample
+    # conv weight gradient would be another B x |W| tensor
     flat = grad.reshape(grad.shape[0], -1)
     if kind == "sq_l2":
-        return flat.square().sum(dim=1)
-    return flat.abs().sum(dim=1)
+        return torch.linalg.vector_norm(flat, ord=2, dim=1).square()
+    return torch.linalg.vector_norm(flat, ord=1, dim=1)

@@ -28,7 +28,9 @@ PACKAGE_DIR = Path(torchserve_gradnorm.__file__).resolve().parent
 def entry_module_path() -> Path:
     spec = importlib.util.find_spec("gradnorm_handler")
     if spec is None or spec.origin is None:
-        raise SystemExit("gradnorm-archive: cannot find gradnorm_handler.py (is the project installed?)")
+        raise SystemExit(
+            "gradnorm-archive: cannot find gradnorm_handler.py (is the project installed?)"
+        )
     return Path(spec.origin)
 
 
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config-file", help="model-config.yaml with a handler: section")
     p.add_argument("--extra-files", default="", help="comma-separated files to ship too")
-    p.add_argument("--labels", help="index_to_name.json: {\"0\": \"cat\", ...}")
+    p.add_argument("--labels", help='index_to_name.json: {"0": "cat", ...}')
     p.add_argument("--export-path", default="model_store")
     p.add_argument("--force", action="store_true", help="overwrite an existing archive")
     return p
@@ -79,7 +81,7 @@ def validate_labels(path: str) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"gradnorm-archive: cannot read labels {path}: {e}") from None
     if not isinstance(labels, dict) or not all(k.isdigit() for k in labels):
-        raise SystemExit(f"gradnorm-archive: {path}: expected {{\"0\": \"label\", ...}}")
+        raise SystemExit(f'gradnorm-archive: {path}: expected {{"0": "label", ...}}')
 
 
 def archiver_command(args: argparse.Namespace, stage: Path) -> list[str]:

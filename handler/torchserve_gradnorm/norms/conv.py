@@ -1,9 +1,13 @@
 """nn.Conv1d / Conv2d / Conv3d (any stride, padding, dilation, groups, padding mode).
 
-The weight gradient of a convolution is itself a convolution of the input with the output
-gradient. Folding the batch into the channel axis and multiplying ``groups`` by B turns
-the batch-summed weight gradient into B separate ones in a single grouped-convolution
-backward call, with no unfold of the input (whose size is k^d times the activation's).
+Per sample and per group, the weight gradient is G U^T, with G (p, T) the output gradient
+over the T output positions and U (d, T) the unfolded input (d = C_in/groups x kernel).
+Two ways to its norm, chosen per layer (Bu, Mao & Xu 2022, mixed ghost clipping):
+- ghost (squared L2, 1-D and 2-D convs, when 2 T^2 <= d p): |G U^T|^2 = <G^T G, U^T U>,
+  two (T, T) Gram matrices per sample; nothing of the weight's size is built.
+- build: the weight gradient of a convolution is a convolution of the input with the
+  output gradient; folding the batch into the channel axis and multiplying ``groups`` by
+  B gives all B per-sample weight gradients in one grouped-convolution backward call.
 """
 
 from __future__ import annotations
@@ -59,15 +63,54 @@ def per_sample_conv_weight_grad(module: nn.Module, activation: Tensor, grad_outp
     return grad_w.reshape(batch, *w.shape)
 
 
+def _unfold(module: nn.Module, x: Tensor, padding: list[int]) -> Tensor:
+    """(B, C_in * prod(kernel), T) patches, for 1-D and 2-D convolutions."""
+    if x.dim() == 3:  # a 1-D conv is a 2-D conv of height 1
+        return F.unfold(
+            x.unsqueeze(2),
+            (1, module.kernel_size[0]),
+            dilation=(1, module.dilation[0]),
+            padding=(0, padding[0]),
+            stride=(1, module.stride[0]),
+        )
+    return F.unfold(
+        x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+    )
+
+
+def ghost_sq_norm(module: nn.Module, activation: Tensor, grad_output: Tensor) -> Tensor:
+    batch, groups = activation.shape[0], module.groups
+    x, padding = _padded(module, activation)
+    u = _unfold(module, x, padding)
+    positions = u.shape[-1]
+    u = u.reshape(batch, groups, -1, positions)
+    g = grad_output.reshape(batch, groups, -1, positions)
+    gram_g = torch.matmul(g.transpose(2, 3), g)
+    gram_u = torch.matmul(u.transpose(2, 3), u)
+    return (gram_g * gram_u).sum((1, 2, 3))
+
+
+def prefers_ghost(module: nn.Module, grad_output: Tensor, kind: str) -> bool:
+    if kind != "sq_l2" or grad_output.dim() > 4:
+        return False
+    positions = grad_output[0, 0].numel()
+    d = module.weight[0].numel()  # C_in / groups x kernel
+    p = module.weight.shape[0] // module.groups
+    return 2 * positions * positions <= d * p
+
+
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, params=("weight", "bias"), check=_check)
 def conv_norms(
     module: nn.Module, activation: Tensor, grad_output: Tensor, kind: str, wanted: frozenset
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if "weight" in wanted:
-        out["weight"] = per_sample_norm(
-            per_sample_conv_weight_grad(module, activation, grad_output), kind
-        )
+        if prefers_ghost(module, grad_output, kind):
+            out["weight"] = ghost_sq_norm(module, activation, grad_output)
+        else:
+            out["weight"] = per_sample_norm(
+                per_sample_conv_weight_grad(module, activation, grad_output), kind
+            )
     if "bias" in wanted:
         out["bias"] = per_sample_norm(grad_output.flatten(2).sum(2), kind)
     return out
