@@ -12,6 +12,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import requests
@@ -102,10 +103,16 @@ def with_config(archive: Path, target: Path, config: Path) -> None:
             dst.writestr(item, data)
 
 
+SCHEMA = json.loads((REPO / "docs/response.schema.json").read_text())
+
+
 def post(server, model: str, **kwargs) -> requests.Response:
-    return requests.post(
+    r = requests.post(
         f"{server.url}/predictions/{model}", headers=server.headers(), timeout=60, **kwargs
     )
+    if r.headers.get(BATCH_HEADER) is not None:  # answered by our handler: check its shape
+        jsonschema.validate(r.json(), SCHEMA)
+    return r
 
 
 def offline_grad_norm(picture: Path) -> float:
