@@ -7,6 +7,7 @@ it takes every worker down with it, and ``stop()`` checks that nothing is left b
 from __future__ import annotations
 
 import json
+import random
 import os
 import signal
 import socket
@@ -58,6 +59,7 @@ class TorchServe:
         self.inference_port = free_port()
         self.management_port = free_port()
         self.metrics_port = free_port()
+        self.worker_port = random.randrange(20000, 60000, 100)
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / "torchserve.out"
 
@@ -81,6 +83,8 @@ class TorchServe:
                     "metrics_mode=prometheus",
                     "default_workers_per_model=1",
                     "install_py_dep_per_model=false",
+                    # workers talk over /tmp/.ts.sock.<port>: keep concurrent servers apart
+                    f"initial_worker_port={self.worker_port}",
                 ]
             )
             + "\n"
