@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format archive serve bench load clean
+.PHONY: install test lint format archive eval serve bench load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,17 +30,54 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix handler tests samples
 
 clean:
-	rm -rf $(VENV) model_store/*.mar logs
+	rm -rf $(VENV) model_store/*.mar logs build
 
 # The demo archive: the digits CNN under samples/digits, packed with the handler.
-model_store/digits.mar: $(STAMP) samples/digits/model.py samples/digits/digits_cnn.pt samples/digits/model-config.yaml samples/digits/index_to_name.json $(wildcard handler/*.py handler/torchserve_gradnorm/*.py handler/torchserve_gradnorm/*/*.py)
+model_store/digits.mar: $(STAMP) samples/digits/model.py samples/digits/digits_cnn.pt samples/digits/model-config.yaml samples/digits/index_to_name.json build/demo/.done $(wildcard handler/*.py handler/torchserve_gradnorm/*.py handler/torchserve_gradnorm/*/*.py)
 	$(BIN)/gradnorm-archive --model-name digits --version 1.0 \
 	  --model-file samples/digits/model.py --serialized-file samples/digits/digits_cnn.pt \
 	  --config-file samples/digits/model-config.yaml --labels samples/digits/index_to_name.json \
 	  --export-path model_store --force
+	$(BIN)/gradnorm-calibrate model_store/digits.mar --id build/demo/id_val --detector mahalanobis \
+	  --into model_store/digits.mar --out build/demo/calibration.json --plot build/demo/calibration.png
+
+# Calibration and evaluation data for the demo, generated (scikit-learn's digits, no download).
+build/demo/.done: $(STAMP) samples/make_demo_data.py samples/digits/split.json
+	$(BIN)/python samples/make_demo_data.py --out build/demo
+	touch $@
 
 archive: model_store/digits.mar
+
+# The demo's detector table (README): held-out ID digits against five OOD sets.
+eval: model_store/digits.mar
+	$(BIN)/gradnorm-eval model_store/digits.mar --id build/demo/id_test \
+	  $(foreach s,letters noise photos inverted rotated,--ood build/demo/ood_test/$(s)) \
+	  --fit-id build/demo/id_val $(foreach s,letters noise photos inverted rotated,--fit-ood build/demo/ood_fit/$(s)) \
+	  --markdown docs/demo-eval.md --json build/demo/eval.json
 
 # TorchServe in the foreground with the demo model; Ctrl-C stops it.
 serve: model_store/digits.mar
 	@PATH="$(CURDIR)/$(BIN):$$PATH" sh samples/serve.sh
+
+# Monitoring: Prometheus for the scrape test (tests/test_prometheus.py) and promtool for the
+# alert-rule unit tests (monitoring/*test*.yml). `make test` installs the Debian package
+# `prometheus` when promtool is missing (as root, or with password-less sudo); where that is
+# impossible it says so, promtool's tests are skipped and the Prometheus test skips itself.
+.PHONY: prometheus monitoring-test
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "promtool not found and no apt-get: the Prometheus tests will be skipped"; \
+	  else \
+	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	    { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	      || echo "could not install the prometheus package: the Prometheus tests will be skipped"; \
+	  fi; }
+
+monitoring-test: prometheus
+	@if command -v promtool >/dev/null 2>&1; then \
+	  promtool check rules monitoring/alerts.yml && promtool test rules monitoring/*test*.yml; \
+	else echo "promtool not found: skipping promtool test rules monitoring/*test*.yml"; fi
+
+test: monitoring-test

@@ -12,7 +12,9 @@ from http import HTTPStatus
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from torchserve_gradnorm.calibration import file_sha256, shipped_calibration
 from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
+from torchserve_gradnorm.metrics import record_batch
 from torchserve_gradnorm.service import GradNormService
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,12 @@ class GradNormHandler(BaseHandler):
                 handler_section(getattr(context, "model_yaml_config", None))
             )
             super().initialize(context)
-            self.service = GradNormService(self.model, config, self.mapping)
+            calibration = shipped_calibration(context.system_properties["model_dir"], config)
+            weights_sha256 = file_sha256(self.model_pt_path) if calibration else None
+            self.service = GradNormService(
+                self.model, config, self.mapping, calibration, weights_sha256
+            )
+            self.service.model_name = context.model_name  # named in v2 answers
             self.service.warm_up()
         except ConfigError as e:
             logger.error("gradnorm: model not loaded, invalid model-config.yaml: %s", e)
@@ -53,4 +60,11 @@ class GradNormHandler(BaseHandler):
             if reply.status != 200:
                 self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
             self.context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
+        record_batch(
+            self.context.metrics,
+            self.context.model_name,
+            replies,
+            self.service.last.scoring_ms,
+            getattr(self.service, "score_reference", None),
+        )
         return [reply.body for reply in replies]

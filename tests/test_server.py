@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -20,8 +22,10 @@ import torch
 import yaml
 from torchserve_harness import REPO, TorchServe, build_archive
 
+from torchserve_gradnorm.calibration import Calibration
 from torchserve_gradnorm.codecs import RequestDecoder
 from torchserve_gradnorm.config import handler_section, parse_handler_config
+from torchserve_gradnorm.detectors import Features
 from torchserve_gradnorm.scorer import GradNormScorer
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -79,18 +83,38 @@ def server(tmp_path_factory):
     scripted = work / "digits_scripted.pt"
     torch.jit.save(torch.jit.script(load_demo_model()), scripted)
     build_archive(store, "digits_ts", scripted, write_config(work / "ts.yaml"))
+    calibrated = build_archive(
+        store, "digits_cal", serialized, write_config(work / "cal.yaml"), DIGITS / "model.py"
+    )
+    calibrate_demo(calibrated, work)
     # gradnorm-archive refuses a bad config, so the broken archive is edited after packing
     good = build_archive(
         store, "good", serialized, write_config(work / "good.yaml"), DIGITS / "model.py"
     )
     with_config(good, store / "broken.mar", write_config(work / "broken.yaml", top_k=0))
     good.unlink()
-    ts = TorchServe(work, store, ["digits", "digits_vmap", "digits_loop", "digits_ts", "broken"])
+    ready = ["digits", "digits_vmap", "digits_loop", "digits_ts", "digits_cal"]
+    ts = TorchServe(work, store, [*ready, "broken"])
     try:
-        ts.start(ready_models=["digits", "digits_vmap", "digits_loop", "digits_ts"])
+        ts.start(ready_models=ready)
         yield ts
     finally:
         ts.stop()
+
+
+def calibrate_demo(archive: Path, work: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    data = work / "demo-data"
+    subprocess.run(
+        [sys.executable, str(REPO / "samples/make_demo_data.py"), "--out", str(data),
+         "--per-set", "10"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        [str(bin_dir / "gradnorm-calibrate"), str(archive), "--id", str(data / "id_val"),
+         "--detector", "mahalanobis", "--into", str(archive), "--out", str(work / "cal.json")],
+        check=True, capture_output=True,
+    )  # fmt: skip
 
 
 def with_config(archive: Path, target: Path, config: Path) -> None:
@@ -119,6 +143,15 @@ def offline_grad_norm(picture: Path) -> float:
     config = parse_handler_config(handler_section(demo_config()))
     x = RequestDecoder(config.input, config.limits).decode(picture.read_bytes()).samples
     return GradNormScorer(load_demo_model(), **config.scorer_kwargs())(x).grad_norm.item()
+
+
+def offline_features(picture: Path) -> Features:
+    config = parse_handler_config(handler_section(demo_config()))
+    x = RequestDecoder(config.input, config.limits).decode(picture.read_bytes()).samples
+    kwargs = {**config.scorer_kwargs(), "per_layer": True}
+    result = GradNormScorer(load_demo_model(), **kwargs)(x)
+    per_layer = torch.stack(list(result.per_layer.values()), 1).double().numpy()
+    return Features(per_layer, result.ood_score.double().numpy())
 
 
 def test_a_picture_gets_predictions_and_an_ood_score(server):
@@ -242,3 +275,16 @@ def test_a_bad_handler_config_fails_the_model_load_with_the_key_in_the_log(serve
     assert expected in server.model_log()
     # the other models keep serving while this one's worker fails
     assert post(server, "digits", data=ID_PICTURE.read_bytes()).status_code == 200
+
+
+def test_a_calibrated_archive_flags_ood_out_of_the_box(server):
+    calibration = Calibration.load(server.workdir / "cal.json")
+    noise = REPO / "samples/images/ood/noise_blocks.png"
+    for picture, expected in ((ID_PICTURE, False), (noise, True)):
+        ood = post(server, "digits_cal", data=picture.read_bytes()).json()["ood"]
+        assert ood["detector"] == "mahalanobis"
+        assert ood["threshold"] == pytest.approx(calibration.threshold)
+        assert ood["is_ood"] is expected, (picture.name, ood)
+        offline = calibration.build_detector().score(offline_features(picture))[0]
+        assert ood["score"] == pytest.approx(offline, rel=1e-5)
+        assert ood["grad_norm"] == pytest.approx(offline_grad_norm(picture), rel=1e-5)

@@ -7,8 +7,8 @@ it takes every worker down with it, and ``stop()`` checks that nothing is left b
 from __future__ import annotations
 
 import json
-import random
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -59,9 +59,11 @@ class TorchServe:
         self.inference_port = free_port()
         self.management_port = free_port()
         self.metrics_port = free_port()
+        self.grpc_ports = (free_port(), free_port())  # gRPC is always on: 7070/7071 clash
         self.worker_port = random.randrange(20000, 60000, 100)
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / "torchserve.out"
+        self.extra_config: list[str] = []  # more config.properties lines; the last wins
 
     @property
     def url(self) -> str:
@@ -79,18 +81,25 @@ class TorchServe:
                     f"inference_address=http://127.0.0.1:{self.inference_port}",
                     f"management_address=http://127.0.0.1:{self.management_port}",
                     f"metrics_address=http://127.0.0.1:{self.metrics_port}",
+                    f"grpc_inference_port={self.grpc_ports[0]}",
+                    f"grpc_management_port={self.grpc_ports[1]}",
                     "enable_model_api=false",
                     "metrics_mode=prometheus",
+                    f"metrics_config={REPO / 'metrics.yaml'}",
                     "default_workers_per_model=1",
                     "install_py_dep_per_model=false",
                     # workers talk over /tmp/.ts.sock.<port>: keep concurrent servers apart
                     f"initial_worker_port={self.worker_port}",
+                    *self.extra_config,
                 ]
             )
             + "\n"
         )
         torchserve = Path(sys.executable).parent / "torchserve"
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        # `torchserve --start` refuses to run while $TMPDIR/.model_server.pid names a live
+        # server: a private TMPDIR lets several test servers run at once
+        env["TMPDIR"] = str(self.workdir)
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(
                 [

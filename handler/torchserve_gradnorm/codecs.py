@@ -72,6 +72,8 @@ class Decoded:
     """(n, *input shape), on the CPU."""
     many: bool
     """The request sent ``instances``: answer with a list, one entry per sample."""
+    v2: Any = None
+    """A ``v2.V2Request`` for an Open Inference Protocol (KServe v2) request: answer in v2."""
 
 
 def request_payload(request: Mapping[str, Any]) -> Any:
@@ -126,7 +128,7 @@ class RequestDecoder:
                 return Decoded(self._npy(body).unsqueeze(0), many=False)
             try:
                 payload = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):  # bad UTF-8/JSON, too deep, huge integers
                 if self.input.kind == "image":
                     return Decoded(self._image(body).unsqueeze(0), many=False)
                 raise RequestError(
@@ -135,13 +137,17 @@ class RequestDecoder:
         elif isinstance(payload, str):
             try:
                 payload = json.loads(payload)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # also too deep, huge integers
                 raise RequestError(400, f"invalid JSON: {e}") from None
         return self._json(payload)
 
     # --- JSON ---
 
     def _json(self, obj: Any) -> Decoded:
+        if isinstance(obj, Mapping) and "inputs" in obj:
+            from .v2 import decode_v2  # v2 builds on this module
+
+            return decode_v2(self, obj)
         if isinstance(obj, Mapping) and "instances" in obj:
             instances = obj["instances"]
             if not isinstance(instances, list) or not instances:
@@ -154,7 +160,9 @@ class RequestDecoder:
             return Decoded(torch.stack([self._sample(x) for x in instances]), many=True)
         if isinstance(obj, Mapping) and "data" in obj:
             return Decoded(self._sample(obj["data"]).unsqueeze(0), many=False)
-        raise RequestError(400, 'JSON body must be {"data": ...} or {"instances": [...]}')
+        raise RequestError(
+            400, 'JSON body must be {"data": ...}, {"instances": [...]} or v2 {"inputs": [...]}'
+        )
 
     def _sample(self, value: Any) -> torch.Tensor:
         if isinstance(value, Mapping) and "b64" in value:

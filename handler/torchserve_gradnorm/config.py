@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .backends import BACKEND_CHOICES
+from .detectors import DETECTORS
 from .losses import METHODS
 from .scorer import DIRECTIONS
 
@@ -61,6 +62,8 @@ class HandlerConfig:
     per_layer: bool = False
     top_k: int = 5
     threshold: float | None = None
+    detector: str | None = None  # None: the calibration file's detector, else "sum"
+    calibration: str | None = None  # file in the archive; None: calibration.json if shipped
     input: InputConfig = field(default_factory=InputConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -124,6 +127,14 @@ def _ints(key: str, value: Any, length: int | None = None) -> tuple[int, ...]:
         what = f"a list of {length} positive integers" if length else "a list of positive integers"
         raise ConfigError(key, f"expected {what}, got {value!r}")
     return tuple(_int(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def _filename(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or value.startswith("/") or ".." in value:
+        raise ConfigError(key, f"expected a file name inside the archive, got {value!r}")
+    return value
 
 
 def _check_keys(key: str, raw: Any, allowed: set[str]) -> Mapping[str, Any]:
@@ -223,6 +234,10 @@ def parse_handler_config(raw: Any) -> HandlerConfig:
         per_layer=_bool(f"{key}.per_layer", spec.get("per_layer", d.per_layer)),
         top_k=_int(f"{key}.top_k", spec.get("top_k", d.top_k)),
         threshold=_float(f"{key}.threshold", spec.get("threshold"), optional=True),
+        detector=None
+        if spec.get("detector") is None
+        else _choice(f"{key}.detector", spec["detector"], tuple(DETECTORS)),
+        calibration=_filename(f"{key}.calibration", spec.get("calibration")),
         input=_input(f"{key}.input", spec.get("input")),
         limits=_limits(f"{key}.limits", spec.get("limits")),
     )

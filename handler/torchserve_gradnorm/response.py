@@ -28,6 +28,7 @@ def prediction_answers(
     threshold: float | None,
     labels: Mapping[str, Any] | None = None,
     per_layer: Mapping[str, torch.Tensor] | None = None,
+    detector: str | None = None,
 ) -> list[dict[str, Any]]:
     """One answer per row of the batch."""
     probs = torch.softmax(logits.detach().float(), dim=1).cpu()
@@ -49,6 +50,8 @@ def prediction_answers(
             "threshold": threshold,
             "method": method,
         }
+        if detector is not None:
+            ood["detector"] = detector
         if layers is not None:
             ood["per_layer"] = {name: v[row] for name, v in layers.items()}
         answers.append(

@@ -18,11 +18,14 @@ import torch
 from torch import nn
 
 from .backends import BackendUnsupported
+from .calibration import Calibration, CalibrationError, fingerprint
 from .codecs import Decoded, RequestDecoder, RequestError, request_payload
 from .config import ConfigError, HandlerConfig
+from .detectors import Detector, Features, SumDetector
 from .filters import select_parameters
-from .response import error_answer, prediction_answers
+from .response import prediction_answers
 from .scorer import GradNormScorer, ScoreResult
+from .v2 import encode_answer, error_body, is_v2_error
 
 log = logging.getLogger("torchserve_gradnorm")
 
@@ -45,25 +48,65 @@ class BatchStats:
 
 
 class GradNormService:
+    model_name = "model"
+    """The name v2 (Open Inference Protocol) answers carry; the handler sets TorchServe's."""
+
     def __init__(
         self,
         model: nn.Module,
         config: HandlerConfig,
         labels: Mapping[str, Any] | None = None,
+        calibration: Calibration | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         self.config = config
         self.labels = labels
+        self.calibration = calibration
+        self.detector = self._detector(config, calibration)
         # errors here are configuration errors: name the key that caused them
         try:
-            select_parameters(model, config.param_filter)
+            selected = select_parameters(model, config.param_filter)
         except ValueError as e:
             raise ConfigError("handler.param_filter", str(e)) from None
+        if calibration is not None:
+            try:
+                calibration.check_matches(fingerprint(weights_sha256 or "", config), selected)
+            except CalibrationError as e:
+                raise ConfigError("handler.calibration", str(e)) from None
+        kwargs = config.scorer_kwargs()
+        kwargs["per_layer"] = config.per_layer or self.detector.needs_per_layer
         try:
-            self.scorer = GradNormScorer(model, **config.scorer_kwargs())
+            self.scorer = GradNormScorer(model, **kwargs)
         except ValueError as e:
             raise ConfigError("handler.backend", str(e)) from None
+        self.threshold = config.threshold
+        if self.threshold is None and calibration is not None:
+            self.threshold = calibration.threshold
+        self.score_reference: tuple[float, float] | None = (
+            None
+            if calibration is None or self.threshold is None
+            else (calibration.center, self.threshold)
+        )
         self.decoder = RequestDecoder(config.input, config.limits)
         self.last = BatchStats()
+
+    @staticmethod
+    def _detector(config: HandlerConfig, calibration: Calibration | None) -> Detector:
+        if calibration is None:
+            if config.detector not in (None, "sum"):
+                raise ConfigError(
+                    "handler.detector",
+                    f"{config.detector!r} is fitted by gradnorm-calibrate; the archive has no "
+                    "calibration file",
+                )
+            return SumDetector()
+        if config.detector is not None and config.detector != calibration.detector:
+            raise ConfigError(
+                "handler.detector",
+                f"{config.detector!r} asked for, but the calibration file holds a "
+                f"{calibration.detector!r} detector",
+            )
+        return calibration.build_detector()
 
     def warm_up(self) -> None:
         """Score one zero sample, so that backend checks and fallbacks happen at load."""
@@ -82,7 +125,7 @@ class GradNormService:
             try:
                 decoded[i] = self.decoder.decode(request_payload(request))
             except RequestError as e:
-                replies[i] = Reply(e.status, error_answer(e.status, e.message))
+                replies[i] = Reply(e.status, error_body(e.status, e.message, is_v2_error(e)))
         start = time.perf_counter()
         if decoded:
             for i, reply in self._score(decoded).items():
@@ -102,7 +145,7 @@ class GradNormService:
                 (i,) = decoded
                 log.warning("gradnorm: the model could not score request %d: %s", i, e)
                 message = f"the model could not score this input: {type(e).__name__}: {e}"
-                return {i: Reply(400, error_answer(400, message))}
+                return {i: Reply(400, error_body(400, message, decoded[i].v2 is not None))}
             log.warning("gradnorm: batched scoring failed (%s); scoring requests one by one", e)
             replies: dict[int, Reply] = {}
             for i, d in decoded.items():
@@ -116,9 +159,12 @@ class GradNormService:
         replies: dict[int, Reply] = {}
         row = 0
         for i, d in decoded.items():
-            mine = answers[row : row + len(d.samples)]
-            row += len(d.samples)
-            body = mine if d.many else mine[0]
+            first, row = row, row + len(d.samples)
+            mine = answers[first:row]
+            if d.v2 is not None:
+                body = encode_answer(d.v2, self.model_name, result.logits[first:row], mine)
+            else:
+                body = mine if d.many else mine[0]
             replies[i] = Reply(
                 200,
                 body,
@@ -128,13 +174,23 @@ class GradNormService:
         return replies
 
     def _answers(self, result: ScoreResult) -> list[dict[str, Any]]:
+        per_layer = result.per_layer
+        if isinstance(self.detector, SumDetector):
+            scores = result.ood_score
+        else:
+            features = Features(
+                torch.stack([v.detach() for v in per_layer.values()], 1).double().cpu().numpy(),
+                result.ood_score.detach().double().cpu().numpy(),
+            )
+            scores = torch.from_numpy(self.detector.score(features))
         return prediction_answers(
             result.logits,
             result.grad_norm,
-            result.ood_score,
+            scores,
             method=self.config.method,
             top_k=self.config.top_k,
-            threshold=self.config.threshold,
+            threshold=self.threshold,
             labels=self.labels,
-            per_layer=result.per_layer,
+            per_layer=per_layer if self.config.per_layer else None,
+            detector=None if self.calibration is None else self.detector.name,
         )

@@ -3,7 +3,8 @@
 Same flags as torch-model-archiver where they overlap, plus ``--labels``. The handler
 config is validated with the code the server runs at load, before anything is packed; the
 archive carries the ``torchserve_gradnorm`` package, so the TorchServe host does not need
-this project installed. Packing itself is torch-model-archiver's job.
+this project installed. ``--calibration`` ships a calibration file after checking that it
+was made for these weights and settings. Packing itself is torch-model-archiver's job.
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ from pathlib import Path
 import yaml
 
 import torchserve_gradnorm
-from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
+from torchserve_gradnorm.calibration import (
+    FILENAME,
+    Calibration,
+    CalibrationError,
+    file_sha256,
+    fingerprint,
+)
+from torchserve_gradnorm.config import (
+    ConfigError,
+    HandlerConfig,
+    handler_section,
+    parse_handler_config,
+)
 
 PACKAGE_DIR = Path(torchserve_gradnorm.__file__).resolve().parent
 
@@ -56,22 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", help="model-config.yaml with a handler: section")
     p.add_argument("--extra-files", default="", help="comma-separated files to ship too")
     p.add_argument("--labels", help='index_to_name.json: {"0": "cat", ...}')
+    p.add_argument(
+        "--calibration", help="calibration JSON from gradnorm-calibrate, shipped in the archive"
+    )
     p.add_argument("--export-path", default="model_store")
     p.add_argument("--force", action="store_true", help="overwrite an existing archive")
     return p
 
 
-def validate_config(path: str | None) -> None:
+def validate_config(path: str | None) -> HandlerConfig:
     if path is None:
-        return
+        return parse_handler_config(None)
     try:
         with open(path) as f:
             document = yaml.safe_load(f)
-        parse_handler_config(handler_section(document))
+        return parse_handler_config(handler_section(document))
     except (OSError, yaml.YAMLError) as e:
         raise SystemExit(f"gradnorm-archive: cannot read {path}: {e}") from None
     except ConfigError as e:
         raise SystemExit(f"gradnorm-archive: {path}: {e}") from None
+
+
+def validate_calibration(path: str, weights: str, config: HandlerConfig) -> None:
+    try:
+        calibration = Calibration.load(path)
+    except (OSError, CalibrationError) as e:
+        raise SystemExit(f"gradnorm-archive: {path}: {e}") from None
+    if calibration.fingerprint != fingerprint(file_sha256(weights), config):
+        raise SystemExit(
+            f"gradnorm-archive: {path} was made for other weights or scoring settings; "
+            "run gradnorm-calibrate on this archive"
+        )
 
 
 def validate_labels(path: str) -> None:
@@ -98,6 +126,9 @@ def archiver_command(args: argparse.Namespace, stage: Path) -> list[str]:
         validate_labels(args.labels)
         shutil.copy(args.labels, stage / "index_to_name.json")
         extra.append(str(stage / "index_to_name.json"))
+    if args.calibration:
+        shutil.copy(args.calibration, stage / FILENAME)
+        extra.append(str(stage / FILENAME))
     extra += [f for f in args.extra_files.split(",") if f]
     command = [
         # the archiver of this interpreter's environment, whether or not its bin/ is on PATH
@@ -120,7 +151,9 @@ def archiver_command(args: argparse.Namespace, stage: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    validate_config(args.config_file)
+    config = validate_config(args.config_file)
+    if args.calibration:
+        validate_calibration(args.calibration, args.serialized_file, config)
     Path(args.export_path).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gradnorm-archive-") as tmp:
         command = archiver_command(args, Path(tmp))

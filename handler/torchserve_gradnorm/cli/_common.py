@@ -1,0 +1,27 @@
+"""Pieces the calibrate and eval commands share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..codecs import RequestDecoder
+from ..datasets import Scored, score_folder
+from ..mar import Archive
+from ..scorer import GradNormScorer
+
+
+def feature_scorer(archive: Archive) -> tuple[GradNormScorer, RequestDecoder]:
+    """The served scorer and decoder of an archive, with per-layer norms switched on."""
+    kwargs = archive.config.scorer_kwargs()
+    kwargs["per_layer"] = True
+    scorer = GradNormScorer(archive.model, **kwargs)
+    return scorer, RequestDecoder(archive.config.input, archive.config.limits)
+
+
+def score_folders(
+    scorer: GradNormScorer, decoder: RequestDecoder, folders: list[str], batch_size: int
+) -> dict[str, Scored]:
+    return {
+        Path(f).name: score_folder(scorer, decoder, f, batch_size, label=Path(f).name)
+        for f in folders
+    }

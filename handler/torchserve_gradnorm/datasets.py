@@ -1,0 +1,98 @@
+"""Folders of samples -> model inputs -> gradient features, for calibration and evaluation.
+
+A folder holds pictures (decoded exactly as the server decodes a request), ``.npy`` files
+(read with ``allow_pickle=False``) or ``.pt`` tensors (read with ``weights_only=True``): one
+sample each, or a stack of samples along a first axis.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .codecs import RequestDecoder
+from .detectors import Features
+from .scorer import GradNormScorer
+
+PICTURES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+TENSORS = {".npy", ".pt"}
+
+
+def sample_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICTURES | TENSORS)
+    if not files:
+        raise ValueError(f"{folder}: no pictures, .npy or .pt files")
+    return files
+
+
+def _array(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    value = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor, got {type(value).__name__}")
+    return value.numpy()
+
+
+def load_samples(path: Path, decoder: RequestDecoder) -> torch.Tensor:
+    """(n, *input shape) from one file."""
+    if path.suffix.lower() in PICTURES:
+        return decoder.decode(path.read_bytes()).samples
+    array = _array(path)
+    if decoder.shape is not None and array.shape[1:] == tuple(decoder.shape):
+        return torch.stack([decoder.decode(_npy_bytes(a)).samples[0] for a in array])
+    return decoder.decode(_npy_bytes(array)).samples
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def iter_folder(folder: str | Path, decoder: RequestDecoder) -> Iterator[torch.Tensor]:
+    for path in sample_files(folder):
+        yield load_samples(path, decoder)
+
+
+@dataclass
+class Scored:
+    features: Features
+    logits: np.ndarray
+
+
+def score_folder(
+    scorer: GradNormScorer,
+    decoder: RequestDecoder,
+    folder: str | Path,
+    batch_size: int = 64,
+    label: str = "",
+    progress: bool | None = None,
+) -> Scored:
+    """Score every sample of a folder with the serving code path, in batches."""
+    samples = torch.cat(list(iter_folder(folder, decoder)))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    per_layer, scores, logits = [], [], []
+    for start in range(0, len(samples), batch_size):
+        result = scorer(samples[start : start + batch_size])
+        per_layer.append(torch.stack(list(result.per_layer.values()), 1).double().cpu().numpy())
+        scores.append(result.ood_score.double().cpu().numpy())
+        logits.append(result.logits.double().cpu().numpy())
+        if progress:
+            done = min(start + batch_size, len(samples))
+            print(f"\rscoring {label or folder}: {done}/{len(samples)}", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    return Scored(
+        Features(np.concatenate(per_layer), np.concatenate(scores)), np.concatenate(logits)
+    )

@@ -1,0 +1,332 @@
+"""Calibration: detectors, thresholds at a target TPR, the calibration file and its
+fingerprint, and the gradnorm-calibrate / gradnorm-eval commands on a real archive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from torchserve_gradnorm.calibration import (
+    Calibration,
+    CalibrationError,
+    calibrate,
+    fingerprint,
+    shipped_calibration,
+    threshold_at_tpr,
+)
+from torchserve_gradnorm.config import ConfigError, parse_handler_config
+from torchserve_gradnorm.detectors import (
+    Features,
+    MahalanobisDetector,
+    MLPDetector,
+    SumDetector,
+)
+from torchserve_gradnorm.mar import open_archive
+from torchserve_gradnorm.service import GradNormService
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def gaussian_features(n: int, shift: float, seed: int, layers: int = 6) -> Features:
+    rng = np.random.default_rng(seed)
+    log_norms = rng.normal(size=(n, layers)) + shift
+    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1))
+
+
+class TestDetectors:
+    def test_sum_is_the_engines_oriented_score(self):
+        f = gaussian_features(10, 0, 0)
+        assert np.array_equal(SumDetector().score(f), f.ood_score)
+
+    def test_mahalanobis_scores_shifted_data_higher(self):
+        detector = MahalanobisDetector()
+        detector.fit(gaussian_features(300, 0.0, 0))
+        near = detector.score(gaussian_features(200, 0.0, 1))
+        far = detector.score(gaussian_features(200, 3.0, 2))
+        assert np.median(far) > np.percentile(near, 99)
+
+    def test_mahalanobis_copes_with_constant_layers_and_few_samples(self):
+        features = gaussian_features(4, 0.0, 0, layers=10)
+        features.per_layer[:, 3] = 0.0  # a layer with no gradient at all
+        detector = MahalanobisDetector()
+        detector.fit(features)
+        assert np.isfinite(detector.score(gaussian_features(5, 1.0, 1, layers=10))).all()
+
+    def test_mlp_learns_a_direction_the_sum_gets_wrong(self):
+        # OOD here has *larger* norms, so the negated sum ranks it as more in-distribution
+        id_fit, ood_fit = gaussian_features(200, 0.0, 0), gaussian_features(200, 2.0, 1)
+        id_test, ood_test = gaussian_features(100, 0.0, 2), gaussian_features(100, 2.0, 3)
+        mlp = MLPDetector()
+        mlp.fit(id_fit, ood_fit)
+        assert (mlp.score(ood_test).mean() > mlp.score(id_test).mean()) and (
+            SumDetector().score(ood_test).mean() < SumDetector().score(id_test).mean()
+        )
+
+    def test_mlp_needs_labelled_ood(self):
+        with pytest.raises(ValueError, match="--ood"):
+            MLPDetector().fit(gaussian_features(10, 0, 0), None)
+
+    @pytest.mark.parametrize("detector", [SumDetector, MahalanobisDetector, MLPDetector])
+    def test_fitted_parameters_round_trip_through_json(self, detector):
+        fitted = detector()
+        fitted.fit(gaussian_features(50, 0, 0), gaussian_features(50, 1, 1))
+        restored = detector.from_params(json.loads(json.dumps(fitted.params())))
+        probe = gaussian_features(20, 0.5, 2)
+        np.testing.assert_allclose(restored.score(probe), fitted.score(probe))
+
+
+CONFIG = parse_handler_config({"input": {"kind": "tensor", "shape": [4]}})
+
+
+def make_calibration(tpr=0.95, detector=None, weights="a" * 64, config=CONFIG) -> Calibration:
+    return calibrate(
+        detector or MahalanobisDetector(),
+        gaussian_features(400, 0.0, 0),
+        None,
+        tpr=tpr,
+        config=config,
+        parameters=[f"p{i}" for i in range(6)],
+        weights_sha256=weights,
+    )
+
+
+class TestCalibrationFile:
+    @pytest.mark.parametrize("tpr", [0.8, 0.9, 0.95, 0.99])
+    def test_threshold_reproduces_the_target_tpr_within_one_point(self, tpr):
+        cal = make_calibration(tpr)
+        scores = cal.build_detector().score(gaussian_features(400, 0.0, 0))
+        assert abs((scores <= cal.threshold).mean() - tpr) <= 0.01
+        assert cal.achieved_tpr == pytest.approx((scores <= cal.threshold).mean())
+
+    def test_threshold_at_tpr_rejects_a_rate_outside_zero_one(self):
+        with pytest.raises(ValueError, match="tpr"):
+            threshold_at_tpr(np.arange(10.0), 1.5)
+
+    def test_round_trip(self, tmp_path):
+        cal = make_calibration()
+        cal.save(tmp_path / "c.json")
+        again = Calibration.load(tmp_path / "c.json")
+        assert again == cal
+        assert again.id_quantiles["0.5"] == cal.center
+
+    @pytest.mark.parametrize(
+        "text, message",
+        [
+            ("{", "not JSON"),
+            ('{"format": "other"}', "not a calibration file"),
+            ('{"format": "torchserve-gradnorm-calibration/1"}', "malformed"),
+        ],
+    )
+    def test_malformed_files_are_refused(self, text, message):
+        with pytest.raises(CalibrationError, match=message):
+            Calibration.from_json(text)
+
+    def test_fingerprint_changes_with_weights_and_scoring_settings_only(self):
+        base = fingerprint("a" * 64, CONFIG)
+        other_weights = fingerprint("b" * 64, CONFIG)
+        hotter = fingerprint(
+            "a" * 64,
+            parse_handler_config({"temperature": 2.0, "input": {"kind": "tensor", "shape": [4]}}),
+        )
+        more_answers = fingerprint(
+            "a" * 64, parse_handler_config({"top_k": 1, "input": {"kind": "tensor", "shape": [4]}})
+        )
+        assert len({base, other_weights, hotter}) == 3
+        assert more_answers == base
+
+
+class SixParams(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 5)
+        self.c = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def service_calibration(model: nn.Module, weights: str, config=CONFIG) -> Calibration:
+    service = GradNormService(model, config)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    result = service.scorer.__class__(model, per_layer=True)(x)
+    features = Features(
+        torch.stack(list(result.per_layer.values()), 1).double().numpy(),
+        result.ood_score.double().numpy(),
+    )
+    return calibrate(
+        MahalanobisDetector(), features, None, tpr=0.9, config=config,
+        parameters=service.scorer.selected, weights_sha256=weights,
+    )  # fmt: skip
+
+
+class TestServedCalibration:
+    def test_the_service_scores_with_the_calibrated_detector_and_threshold(self):
+        torch.manual_seed(0)
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64)
+        service = GradNormService(model, CONFIG, calibration=cal, weights_sha256="w" * 64)
+        reply = service.handle([{"body": json.dumps({"data": [0.1, 0.2, 0.3, 0.4]}).encode()}])[0]
+        ood = reply.body["ood"]
+        assert ood["detector"] == "mahalanobis" and ood["threshold"] == cal.threshold
+        assert ood["is_ood"] is (ood["score"] > cal.threshold)
+        assert service.score_reference == (cal.center, cal.threshold)
+        assert "per_layer" not in ood  # computed for the detector, shown only when asked
+
+    def test_a_fingerprint_mismatch_is_refused_at_load(self):
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64)
+        with pytest.raises(ConfigError, match="^handler.calibration: .*other weights"):
+            GradNormService(model, CONFIG, calibration=cal, weights_sha256="x" * 64)
+
+    def test_a_detector_key_that_contradicts_the_calibration_is_refused(self):
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64)
+        config = parse_handler_config(
+            {"detector": "mlp", "input": {"kind": "tensor", "shape": [4]}}
+        )
+        with pytest.raises(ConfigError, match="^handler.detector: 'mlp' asked for"):
+            GradNormService(model, config, calibration=cal, weights_sha256="w" * 64)
+
+    def test_a_fitted_detector_without_calibration_is_refused(self):
+        config = parse_handler_config({"detector": "mahalanobis"})
+        with pytest.raises(ConfigError, match="^handler.detector: .*no calibration file"):
+            GradNormService(SixParams(), config)
+
+    def test_a_configured_threshold_overrides_the_calibrated_one(self):
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64)
+        config = parse_handler_config(
+            {"threshold": 123.0, "input": {"kind": "tensor", "shape": [4]}}
+        )
+        service = GradNormService(model, config, calibration=cal, weights_sha256="w" * 64)
+        assert service.threshold == 123.0
+
+    def test_shipped_calibration_is_found_or_named_in_the_error(self, tmp_path):
+        assert shipped_calibration(tmp_path, CONFIG) is None
+        named = parse_handler_config({"calibration": "mine.json"})
+        with pytest.raises(ConfigError, match="^handler.calibration: mine.json is not in"):
+            shipped_calibration(tmp_path, named)
+        (tmp_path / "calibration.json").write_text("{}")
+        with pytest.raises(ConfigError, match="^handler.calibration: calibration.json: not a"):
+            shipped_calibration(tmp_path, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo archive and small demo data folders."""
+    work = tmp_path_factory.mktemp("calibrate")
+    subprocess.run(
+        [sys.executable, str(REPO / "samples/make_demo_data.py"), "--out", str(work / "data"),
+         "--per-set", "40"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    digits = REPO / "samples/digits"
+    subprocess.run(
+        [str(BIN / "gradnorm-archive"), "--model-name", "digits",
+         "--model-file", str(digits / "model.py"),
+         "--serialized-file", str(digits / "digits_cnn.pt"),
+         "--config-file", str(digits / "model-config.yaml"),
+         "--labels", str(digits / "index_to_name.json"), "--export-path", str(work)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return work
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
+
+
+@pytest.mark.slow
+def test_calibrate_into_the_archive_and_load_it_back(demo, tmp_path):
+    archive = tmp_path / "digits.mar"
+    archive.write_bytes((demo / "digits.mar").read_bytes())
+    data = demo / "data"
+    out = run(
+        BIN / "gradnorm-calibrate", archive, "--id", data / "id_val",
+        "--ood", data / "ood_fit/noise", "--detector", "mahalanobis",
+        "--into", archive, "--out", tmp_path / "cal.json", "--plot", tmp_path / "hist.png",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "flags" in out.stdout and "OOD noise" in out.stdout
+    assert (tmp_path / "hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with zipfile.ZipFile(archive) as mar:
+        shipped = Calibration.from_json(mar.read("calibration.json").decode())
+    assert shipped == Calibration.load(tmp_path / "cal.json")
+    with open_archive(archive) as opened:
+        cal = shipped_calibration(opened.root, opened.config)
+        assert cal.fingerprint == fingerprint(opened.weights_sha256(), opened.config)
+        assert cal.n_id == 270 and abs(cal.achieved_tpr - 0.95) <= 0.01
+
+
+@pytest.mark.slow
+def test_calibrating_into_an_archive_of_other_weights_is_refused(demo, tmp_path):
+    digits = REPO / "samples/digits"
+    state = torch.load(digits / "digits_cnn.pt", weights_only=True)
+    state["head.bias"] += 1.0
+    torch.save(state, tmp_path / "other.pt")
+    run(
+        BIN / "gradnorm-archive", "--model-name", "other", "--model-file", digits / "model.py",
+        "--serialized-file", tmp_path / "other.pt", "--config-file", digits / "model-config.yaml",
+        "--export-path", tmp_path,
+    )  # fmt: skip
+    out = run(
+        BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val",
+        "--into", tmp_path / "other.mar", "--out", tmp_path / "c.json",
+    )  # fmt: skip
+    assert out.returncode != 0 and "other weights" in out.stderr
+
+
+@pytest.mark.slow
+def test_eval_reports_every_detector_and_the_softmax_baseline(demo, tmp_path):
+    data = demo / "data"
+    out = run(
+        BIN / "gradnorm-eval", demo / "digits.mar", "--id", data / "id_test",
+        "--ood", data / "ood_test/noise", "--ood", data / "ood_test/letters",
+        "--fit-id", data / "id_val",
+        "--fit-ood", data / "ood_fit/noise", "--fit-ood", data / "ood_fit/letters",
+        "--json", tmp_path / "eval.json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    seen = {(r["detector"], r["ood"]) for r in rows}
+    for detector in ("msp", "sum", "mahalanobis", "mlp", "mlp (kind unseen)"):
+        assert {(detector, "noise"), (detector, "letters")} <= seen
+    assert all(0.0 <= r["AUROC"] <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_archive_ships_a_matching_calibration_and_refuses_a_foreign_one(demo, tmp_path):
+    digits = REPO / "samples/digits"
+    cal_file = tmp_path / "cal.json"
+    made = run(
+        BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val",
+        "--out", cal_file,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    common = [
+        "--model-file", digits / "model.py", "--serialized-file", digits / "digits_cnn.pt",
+        "--export-path", tmp_path, "--calibration", cal_file,
+    ]  # fmt: skip
+    packed = run(
+        BIN / "gradnorm-archive", "--model-name", "withcal",
+        "--config-file", digits / "model-config.yaml", *common,
+    )  # fmt: skip
+    assert packed.returncode == 0, packed.stderr
+    with zipfile.ZipFile(tmp_path / "withcal.mar") as mar:
+        assert Calibration.from_json(mar.read("calibration.json").decode()) == Calibration.load(
+            cal_file
+        )
+    hotter = tmp_path / "hot.yaml"
+    hotter.write_text((digits / "model-config.yaml").read_text() + "  temperature: 3.0\n")
+    refused = run(BIN / "gradnorm-archive", "--model-name", "x", "--config-file", hotter, *common)
+    assert refused.returncode != 0 and "other weights or scoring settings" in refused.stderr

@@ -1,0 +1,349 @@
+"""Monitoring end to end: a real TorchServe serves a calibrated archive, a real Prometheus
+(Debian package ``prometheus``, installed by ``make test``) scrapes its metrics endpoint
+every second, and after N requests, K of them OOD pictures, Prometheus's query API returns
+those counts. Also: the alert rules load and evaluate, the Grafana dashboard's queries run,
+and promtool checks and unit-tests the rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from torchserve_harness import REPO, TorchServe, build_archive, free_port
+
+MONITORING = REPO / "monitoring"
+DASHBOARD = MONITORING / "grafana/torchserve-gradnorm.json"
+DIGITS = REPO / "samples/digits"
+ID_PICTURES = sorted((REPO / "samples/images/id").glob("*.png"))  # 10, scores <= -8.1e5
+OOD_PICTURES = [
+    REPO / "samples/images/ood/blank_black.png",
+    REPO / "samples/images/ood/letter_W.png",
+]
+THRESHOLD = -750000.0  # flags exactly the two OOD pictures above (about -3.4e5 and -6.7e5)
+N = len(ID_PICTURES) + len(OOD_PICTURES)
+K = len(OOD_PICTURES)
+
+
+def find(tool: str) -> str | None:
+    return shutil.which(tool) or next(
+        (str(p) for p in (Path("/usr/bin") / tool, Path("/usr/local/bin") / tool) if p.exists()),
+        None,
+    )
+
+
+PROMETHEUS = find("prometheus")
+PROMTOOL = find("promtool")
+NO_PROMETHEUS = (
+    "Prometheus not found (no `prometheus` on PATH or in /usr/bin): `make test` installs the "
+    "Debian package `prometheus` when it runs as root with apt-get; install it to run this test"
+)
+
+
+# --- static checks: the files under monitoring/ ---
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS.replace("Prometheus", "promtool"))
+def test_promtool_checks_the_config_and_unit_tests_the_alert_rules():
+    for command in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", *sorted(p.name for p in MONITORING.glob("*test*.yml"))],
+    ):
+        r = subprocess.run(
+            [PROMTOOL, *command], cwd=MONITORING, capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def dashboard_targets() -> list[tuple[str, dict]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target)
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def test_the_grafana_dashboard_is_importable_as_is():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["id"] is None and dashboard["uid"] and dashboard["title"]
+    assert isinstance(dashboard["schemaVersion"], int)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    # no __inputs to fill in: the data source is a dashboard variable
+    assert "__inputs" not in dashboard
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["model"]["query"]["query"] == "label_values(OODRequests, ModelName)"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    declared = {
+        m["name"]
+        for kinds in yaml.safe_load((REPO / "metrics.yaml").read_text()).values()
+        if isinstance(kinds, dict)
+        for specs in kinds.values()
+        for m in specs
+    }
+    for panel in dashboard["panels"]:
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs))
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"]
+            assert 'ModelName=~"$model"' in target["expr"]
+            used = set(re.findall(r"\b([A-Za-z]\w*)\{", target["expr"]))
+            assert {re.sub(r"_(bucket|sum|count)$", "", m) for m in used} <= declared
+
+
+def test_the_ood_panels_cover_rate_flagged_count_score_quantiles_and_latency():
+    exprs = " ".join(t["expr"] for _, t in dashboard_targets())
+    for needle in (
+        "rate(OODFlagged",
+        "increase(OODFlagged",
+        "histogram_quantile(0.99, sum by (ModelName, le) (rate(OODScore_bucket",
+        "OODScoringSeconds_bucket",
+        "OODScoringTime",
+    ):
+        assert needle in exprs
+
+
+# --- a TorchServe and a Prometheus ---
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
+        pytest.skip("TorchServe needs Java (java not found on PATH)")
+    work = tmp_path_factory.mktemp("torchserve-metrics")
+    store = work / "model_store"
+    store.mkdir()
+    config = yaml.safe_load((DIGITS / "model-config.yaml").read_text())
+    config.update(batchSize=8, maxBatchDelay=300)
+    config["handler"]["threshold"] = THRESHOLD
+    (work / "digits.yaml").write_text(yaml.safe_dump(config))
+    archive = build_archive(
+        store, "digits", DIGITS / "digits_cnn.pt", work / "digits.yaml", DIGITS / "model.py"
+    )
+    # a calibration gives the score reference (ID median, threshold) that OODScore needs
+    subprocess.run(
+        [str(Path(sys.executable).parent / "gradnorm-calibrate"), str(archive),
+         "--id", str(REPO / "samples/images/id"), "--detector", "sum",
+         "--into", str(archive), "--out", str(work / "calibration.json")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ts = TorchServe(work, store, ["digits"])
+    try:
+        ts.start()
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def traffic(server):
+    """N scored requests, K of them OOD pictures, some in concurrent batches; plus one bad
+    request, which is answered 4xx and not counted."""
+
+    def post(body: bytes) -> requests.Response:
+        return requests.post(
+            f"{server.url}/predictions/digits", data=body, headers=server.headers(), timeout=60
+        )
+
+    bodies = [p.read_bytes() for p in ID_PICTURES + OOD_PICTURES]
+    together, alone = bodies[:6], bodies[6:]
+    barrier = threading.Barrier(len(together))
+
+    def send_together(body: bytes) -> requests.Response:
+        barrier.wait()
+        return post(body)
+
+    with ThreadPoolExecutor(len(together)) as pool:
+        responses = list(pool.map(send_together, together))
+    responses += [post(b) for b in alone]
+    assert [r.status_code for r in responses] == [200] * N
+    assert sum(r.json()["ood"]["is_ood"] for r in responses) == K
+    assert post(b"\x89PNG\r\n\x1a\n truncated").status_code == 400
+    return responses
+
+
+def scraped(server) -> dict[str, float]:
+    """{series: value} of the OOD series on the metrics endpoint, labels as written."""
+    text = requests.get(server.metrics_url, timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("OOD"):
+            series, value = line.rsplit(" ", 1)
+            out[series.replace(",}", "}")] = float(value)
+    return out
+
+
+def wait_for(check, timeout: float = 30.0, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(every)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_metrics_endpoint_exports_the_ood_metrics_with_the_model_name(server, traffic):
+    labels = 'ModelName="digits",Level="Model",Hostname="'
+
+    def value(name: str, extra: str = "") -> float | None:
+        for series, v in scraped(server).items():
+            if series.startswith(f"{name}{{{labels}") and extra in series:
+                return v
+        return None
+
+    # the frontend reads the worker's metric lines asynchronously: wait for the last ones
+    assert wait_for(lambda: value("OODRequests") == N, timeout=15), scraped(server)
+    assert value("OODFlagged") == K
+    assert value("OODScore_count") == N  # one observation per sample
+    assert value("OODScore_bucket", 'le="1.0"') == N - K  # ratio <= 1 <=> not flagged
+    assert value("OODScore_bucket", 'le="+Inf"') == N
+    batches = value("OODBatches")
+    assert batches is not None and 1 <= batches <= N
+    assert value("OODScoringSeconds_count") == batches
+    assert value("OODScoringTime") == pytest.approx(1000 * value("OODScoringSeconds_sum"), rel=1e-3)
+    # the re-declared frontend metrics are still there
+    text = requests.get(server.metrics_url, timeout=10).text
+    assert 'ts_inference_requests_total{model_name="digits"' in text
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, expr: str) -> list[dict]:
+        r = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", (expr, body)
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    if PROMETHEUS is None:
+        pytest.skip(NO_PROMETHEUS)
+    work = tmp_path_factory.mktemp("prometheus")
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(MONITORING / "alerts.yml")],
+        "scrape_configs": [
+            {
+                "job_name": "torchserve",
+                "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}],
+            }
+        ],
+    }
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(work / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError((work / "prometheus.log").read_text()[-3000:])
+            try:
+                return requests.get(f"{url}/-/ready", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        assert wait_for(ready, timeout=60), (work / "prometheus.log").read_text()[-3000:]
+        yield Prometheus(url)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_prometheus_scrapes_torchserve_and_counts_the_ood_requests(prometheus, traffic):
+    model = '{ModelName="digits"}'
+    counted = wait_for(lambda: prometheus.value(f"sum(OODRequests{model})") == N, timeout=45)
+    assert counted, prometheus.query("OODRequests")
+    assert prometheus.value('up{job="torchserve"}') == 1
+    assert prometheus.value(f"sum(OODFlagged{model})") == K
+    assert prometheus.value(f"sum(OODScore_count{model})") == N
+    assert prometheus.value('sum(OODScore_bucket{ModelName="digits",le="1.0"})') == N - K
+    # labels: the model name, as a dimension, on every OOD series
+    for series in prometheus.query('{__name__=~"OOD.*"}'):
+        assert series["metric"]["ModelName"] == "digits"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_alert_rules_load_and_evaluate_on_the_scraped_metrics(prometheus, traffic):
+    def evaluated() -> list[dict] | None:
+        body = requests.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()
+        rules = [r for g in body["data"]["groups"] for r in g["rules"]]
+        return (
+            rules
+            if rules and all(r.get("lastEvaluation", "0001")[:4] != "0001" for r in rules)
+            else None
+        )
+
+    rules = wait_for(evaluated, timeout=30)
+    assert rules, "the rules were not evaluated"
+    names = {r.get("name") for r in rules}
+    assert {"GradNormOODFractionHigh", "GradNormScoringLatencyHigh"} <= names
+    assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+    assert prometheus.value("gradnorm:ood_fraction_alert_level") == 0.2
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_every_dashboard_query_runs_on_prometheus(prometheus, traffic):
+    # rate() and increase() need two scrapes
+    samples = 'count_over_time(OODRequests{ModelName="digits"}[1m])'
+    assert wait_for(lambda: (prometheus.value(samples) or 0) >= 3, timeout=45)
+    for title, target in dashboard_targets():
+        expr = (
+            target["expr"]
+            .replace("$model", ".*")
+            .replace("$__rate_interval", "1m")
+            .replace("$__range", "10m")
+        )
+        assert "$" not in expr, (title, expr)
+        prometheus.query(expr)  # asserts a successful evaluation
+    flagged = 'round(sum by (ModelName) (increase(OODFlagged{ModelName=~".*"}[10m])))'
+    assert prometheus.value(flagged) is not None
