@@ -81,3 +81,11 @@ monitoring-test: prometheus
 	else echo "promtool not found: skipping promtool test rules monitoring/*test*.yml"; fi
 
 test: monitoring-test
+
+# KServe storage layout (deploy/kserve/config.properties): upload build/kserve/ to the
+# InferenceService's storageUri (deploy/kserve/inferenceservice.yaml).
+.PHONY: kserve-store
+kserve-store: model_store/digits.mar
+	mkdir -p build/kserve/config build/kserve/model-store
+	cp deploy/kserve/config.properties metrics.yaml build/kserve/config/
+	cp model_store/digits.mar build/kserve/model-store/

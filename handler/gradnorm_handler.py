@@ -60,11 +60,12 @@ class GradNormHandler(BaseHandler):
             if reply.status != 200:
                 self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
             self.context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
+            self.context.set_response_content_type(idx, "application/json")
         record_batch(
             self.context.metrics,
             self.context.model_name,
             replies,
             self.service.last.scoring_ms,
-            getattr(self.service, "score_reference", None),
+            self.service.score_reference,
         )
         return [reply.body for reply in replies]

@@ -157,6 +157,7 @@ def offline_features(picture: Path) -> Features:
 def test_a_picture_gets_predictions_and_an_ood_score(server):
     r = post(server, "digits", data=ID_PICTURE.read_bytes())
     assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
     answer = r.json()
     assert [p["label"] for p in answer["predictions"]][0] == "three"
     assert len(answer["predictions"]) == 3  # top_k in the demo config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +209,48 @@ def test_a_model_failure_on_a_v2_request_answers_a_v2_error():
 # --- a real TorchServe ---
 
 
+KSERVE_CONFIG = REPO / "deploy/kserve/config.properties"
+# what the test server sets itself (loopback ports, paths); the rest comes from KServe's file
+LOCAL_KEYS = {
+    "inference_address", "management_address", "metrics_address", "grpc_inference_port",
+    "grpc_management_port", "metrics_config", "model_store",
+}  # fmt: skip
+
+
+def kserve_settings() -> dict[str, str]:
+    lines = KSERVE_CONFIG.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def test_the_kserve_config_has_what_kserve_and_the_handler_need():
+    settings = kserve_settings()
+    # KServe's model server (kserve_wrapper) reads these
+    for key in ("inference_address", "management_address", "grpc_inference_port", "model_store"):
+        assert settings[key]
+    snapshot = json.loads(settings["model_snapshot"])
+    (version,) = snapshot["models"]["digits"].values()
+    assert version["marName"] == "digits.mar" and version["batchSize"] > 1
+    assert settings["model_store"] == "/mnt/models/model-store"
+    assert settings["metrics_config"] == "/mnt/models/config/metrics.yaml"
+    assert settings["metrics_mode"] == "prometheus"
+    assert settings["metrics_address"].endswith(":8082")
+    # v2 bodies reach the handler as they are: no envelope, and none from the environment
+    assert "service_envelope" not in settings
+    assert settings["enable_envvars_config"] == "false"
+    service = yaml.safe_load((REPO / "deploy/kserve/inferenceservice.yaml").read_text())
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert service["kind"] == "InferenceService"
+    model = service["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v2"
+
+
+class KServeLikeTorchServe(TorchServe):
+    """TorchServe configured by deploy/kserve/config.properties (token authorization off)."""
+
+    def key(self, api: str = "inference") -> str:
+        return "unused"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
@@ -216,17 +259,26 @@ def server(tmp_path_factory):
     store = work / "model_store"
     store.mkdir()
     config = yaml.safe_load((DIGITS / "model-config.yaml").read_text())
-    config.update(batchSize=8, maxBatchDelay=400)  # concurrent requests share a batch
     config["handler"]["threshold"] = THRESHOLD
     (work / "digits.yaml").write_text(yaml.safe_dump(config))
     build_archive(
         store, "digits", DIGITS / "digits_cnn.pt", work / "digits.yaml", DIGITS / "model.py"
     )
-    ts = TorchServe(work, store, ["digits"])
+    settings = {k: v for k, v in kserve_settings().items() if k not in LOCAL_KEYS}
+    snapshot = json.loads(settings["model_snapshot"])
+    for version in snapshot["models"]["digits"].values():
+        # one worker and a long batch delay, so that concurrent test requests share a batch
+        version.update(minWorkers=1, maxWorkers=1, maxBatchDelay=400)
+    settings["model_snapshot"] = json.dumps(snapshot)
+    ts = KServeLikeTorchServe(work, store, ["digits"])
+    ts.extra_config = [f"{k}={v}" for k, v in settings.items()]
+    # what KServe's runtime sets for protocolVersion v2: must be ignored
+    os.environ["TS_SERVICE_ENVELOPE"] = "kservev2"
     try:
         ts.start()
         yield ts
     finally:
+        os.environ.pop("TS_SERVICE_ENVELOPE", None)
         ts.stop()
 
 

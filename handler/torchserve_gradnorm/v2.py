@@ -124,6 +124,8 @@ def decode_v2(decoder: RequestDecoder, obj: Mapping[str, Any]) -> Decoded:
         raise
     except RequestError as e:
         raise V2RequestError(e.status, e.message) from None
+    except RecursionError:
+        raise V2RequestError(400, "'data' is nested too deeply") from None
     return Decoded(samples, many=True, v2=request)
 
 
