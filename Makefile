@@ -89,3 +89,9 @@ kserve-store: model_store/digits.mar
 	mkdir -p build/kserve/config build/kserve/model-store
 	cp deploy/kserve/config.properties metrics.yaml build/kserve/config/
 	cp model_store/digits.mar build/kserve/model-store/
+
+# Load test over loopback: 2,000 requests per model at concurrency 16 against the demo
+# model served plain (forward only), with the head-only filter and with every parameter;
+# checks every answer by content, prints throughput and p50/p99, fails on any error.
+load: $(STAMP)
+	$(BIN)/python bench/load.py --requests 2000 --concurrency 16 --timeout-s 300

@@ -3,29 +3,34 @@
 Usage: python bench/load.py [--requests 2000] [--concurrency 16] [--timeout-s 300]
        (or `make load`)
 
-Builds three archives of the demo digits CNN into a temporary model store — ``plain``
+Builds three archives of the demo digits CNN into a temporary model store -- ``plain``
 (samples/plain_handler.py: same decoding, forward pass only), ``gradnorm_head``
-(param_filter: head) and ``gradnorm_all`` (every parameter) — with the same batching
-(batchSize 8, maxBatchDelay 5 ms, one worker), starts one TorchServe on 127.0.0.1 and loads
-the models one after the other, so they never compete for the CPU. Each request is a PNG:
-one of the ID/OOD sample pictures or a held-out digit from scikit-learn's load_digits test
-split, the same seeded sequence for every model. Every answer is checked by content against
-values computed offline for its own input (top-k indices and probabilities, and grad_norm
-for the gradnorm models), so a lost, swapped or wrong answer is a mismatch.
+(param_filter: head) and ``gradnorm_all`` (every parameter) -- with the same batching
+(batchSize 8, maxBatchDelay 5 ms, one worker with one torch thread), starts one TorchServe
+on 127.0.0.1 and puts the models under load one at a time, so they never compete for the
+CPU: in --rounds rounds, each model in turn, so that a change in background load touches
+all of them alike. Each request is a PNG: one of the ID/OOD sample pictures or a held-out
+digit from scikit-learn's load_digits test split, the same seeded sequence for every model.
+Every answer is checked by content against values computed offline for its own input
+(top-k indices and probabilities, and grad_norm for the gradnorm models), so a lost,
+swapped or wrong answer is a mismatch.
 
 Prints, per model: requests, errors, mismatches, throughput, p50/p99 latency and
-throughput relative to the plain handler. Exits 1 on any error or mismatch, or if the run
-did not finish within --timeout-s; the server is stopped in every case.
+throughput relative to the plain handler (overall and round by round). Exits 1 on any
+error or mismatch, or if the run did not finish within --timeout-s; the server is stopped
+in every case.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -83,8 +88,6 @@ def picture_inputs() -> list[tuple[str, bytes]]:
 
 
 def load_model() -> torch.nn.Module:
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -120,6 +123,13 @@ def offline_answers(config: dict, bodies: list[bytes], param_filter: str | None)
 
 
 def matches(answer: object, expected: Expected) -> bool:
+    try:
+        return _matches(answer, expected)
+    except (AttributeError, KeyError, TypeError):  # not the answer's shape at all
+        return False
+
+
+def _matches(answer: object, expected: Expected) -> bool:
     if not isinstance(answer, dict) or not isinstance(answer.get("predictions"), list):
         return False
     predictions = answer["predictions"]
@@ -147,8 +157,6 @@ def model_config(param_filter: str | None, batch_size: int, max_batch_delay: int
 def build_plain_archive(store: Path, config_file: Path, stage: Path) -> None:
     """The plain handler with the same model files, labels and torchserve_gradnorm package."""
     library = stage / "library"
-    import shutil
-
     shutil.copytree(
         PACKAGE_DIR,
         library / "torchserve_gradnorm",
@@ -184,6 +192,8 @@ class Run:
     wall_s: float = 0.0
     finished: bool = True
     first_failure: str = ""
+    rounds: list[float] = field(default_factory=list)
+    """Throughput of each round, req/s."""
 
     @property
     def throughput(self) -> float:
@@ -252,11 +262,14 @@ def drive(
                 if failure and not run.first_failure:
                     run.first_failure = failure
 
+    answered = len(run.latencies_ms)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
-    run.wall_s += time.perf_counter() - start
+    wall_s = time.perf_counter() - start
+    run.wall_s += wall_s
+    run.rounds.append((len(run.latencies_ms) - answered) / wall_s)
 
 
 def report(runs: list[Run], requests_per_model: int, concurrency: int) -> None:
@@ -281,6 +294,14 @@ def report(runs: list[Run], requests_per_model: int, concurrency: int) -> None:
             print(f"{run.model}: stopped at the time limit after {run.sent} requests")
         if run.first_failure:
             print(f"{run.model}: first failure: {run.first_failure}")
+    for run in runs:
+        if plain and run is not plain and len(run.rounds) == len(plain.rounds):
+            ratios = [a / b for a, b in zip(run.rounds, plain.rounds) if b]
+            print(
+                f"{run.model}/plain throughput round by round: "
+                + " ".join(f"{r:.2f}" for r in ratios)
+                + f" (median {statistics.median(ratios):.3f})"
+            )
     by_name = {r.model: r for r in runs}
     if plain and plain.throughput and "gradnorm_head" in by_name:
         ratio = by_name["gradnorm_head"].throughput / plain.throughput
@@ -299,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-delay", type=int, default=5, help="ms (%(default)s)")
     parser.add_argument("--warm-up", type=int, default=64, help="untimed requests per model")
     parser.add_argument("--rounds", type=int, default=4, help="models alternate (%(default)s)")
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (OMP_NUM_THREADS; %(default)s; 0 leaves torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--models", default=",".join(MODELS), help="comma-separated subset of %(default)s"
@@ -315,13 +342,21 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (make's, timeout's) unwinds like Ctrl-C, so the server is always stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    if args.worker_threads > 0:
+        # the workers inherit it: with more intra-op threads than free cores (the load
+        # generator and the Java frontend share them) a worker can stall for hundreds of ms
+        os.environ["OMP_NUM_THREADS"] = str(args.worker_threads)
     load_before = os.getloadavg()[0]
     inputs = picture_inputs()
     bodies = [body for _, body in inputs]
     rng = random.Random(args.seed)
     warm = [rng.randrange(len(bodies)) for _ in range(args.warm_up)]
     sequence = [rng.randrange(len(bodies)) for _ in range(args.requests)]
-    print(f"{len(bodies)} distinct inputs; torch {torch.__version__}; {os.cpu_count()} CPUs")
+    print(
+        f"{len(bodies)} distinct inputs; torch {torch.__version__}; {os.cpu_count()} CPUs; "
+        f"worker threads {os.environ.get('OMP_NUM_THREADS', 'default')}; "
+        f"batchSize {args.batch_size}, maxBatchDelay {args.max_batch_delay} ms, 1 worker each"
+    )
 
     runs = {name: Run(name) for name in models}
     warm_runs = {name: Run(name) for name in models}

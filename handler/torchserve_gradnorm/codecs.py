@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -238,7 +239,9 @@ class RequestDecoder:
         except RequestError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-            raise RequestError(400, f"cannot decode the picture: {e}") from None
+            # Pillow's messages name the in-memory file object (an address): keep them out
+            reason = re.sub(r"\s*<[^>]*>", "", str(e)) or type(e).__name__
+            raise RequestError(400, f"cannot decode the picture: {reason}") from None
         except Image.DecompressionBombError as e:
             raise RequestError(413, str(e)) from None
         if self.input.size is not None:

@@ -9,6 +9,7 @@ cannot fail the others.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,12 @@ class BatchStats:
     samples: int = 0
     scoring_ms: float = 0.0
     replies: list[Reply] = field(default_factory=list)
+
+
+def _finite(answer: dict[str, Any]) -> bool:
+    numbers = [answer["ood"]["score"], answer["ood"]["grad_norm"]]
+    numbers += [p["probability"] for p in answer["predictions"]]
+    return all(math.isfinite(v) for v in numbers)
 
 
 class GradNormService:
@@ -144,8 +151,11 @@ class GradNormService:
             if len(decoded) == 1:
                 (i,) = decoded
                 log.warning("gradnorm: the model could not score request %d: %s", i, e)
+                # out of memory even for this request alone is the server's trouble, and may
+                # pass; anything else the model raises on one input is about that input
+                status = 503 if isinstance(e, torch.OutOfMemoryError) else 400
                 message = f"the model could not score this input: {type(e).__name__}: {e}"
-                return {i: Reply(400, error_body(400, message, decoded[i].v2 is not None))}
+                return {i: Reply(status, error_body(status, message, decoded[i].v2 is not None))}
             log.warning("gradnorm: batched scoring failed (%s); scoring requests one by one", e)
             replies: dict[int, Reply] = {}
             for i, d in decoded.items():
@@ -161,6 +171,10 @@ class GradNormService:
         for i, d in decoded.items():
             first, row = row, row + len(d.samples)
             mine = answers[first:row]
+            if not all(_finite(a) for a in mine):
+                message = "the model's outputs for this input are not finite (values too large?)"
+                replies[i] = Reply(400, error_body(400, message, d.v2 is not None))
+                continue
             if d.v2 is not None:
                 body = encode_answer(d.v2, self.model_name, result.logits[first:row], mine)
             else:

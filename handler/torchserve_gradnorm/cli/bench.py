@@ -609,6 +609,22 @@ def run_case_subprocess(case: dict, timeout: float) -> dict:
     }
 
 
+REUSE_FIELDS = ("model", "batch", "method", "impl", "device", "threads", "quick", "repeats")
+
+
+def _reuse_key(case: dict) -> tuple:
+    return tuple(case.get(k) for k in REUSE_FIELDS)
+
+
+def _reusable_results(path: Path) -> dict[tuple, dict]:
+    """The cases of an earlier run that need no rerun: ok, and not CPU-contended."""
+    try:
+        cases = json.loads(Path(path).read_text())["cases"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"gradnorm-bench: cannot read --keep-from {path}: {e}") from None
+    return {_reuse_key(c): c for c in cases if c.get("status") == "ok" and not _contended(c)}
+
+
 def run_one(case: dict, isolation: str, timeout: float) -> dict:
     if isolation == "subprocess":
         return run_case_subprocess(case, timeout)
@@ -1005,6 +1021,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU: rerun a case up to N times while other processes competed for the CPU "
         "during its timed runs, keeping the least contended run (default 2; quick 0)",
     )
+    p.add_argument(
+        "--keep-from",
+        type=Path,
+        metavar="JSON",
+        help="reuse the uncontended ok cases of an earlier run's JSON (same model, batch, "
+        "method, impl, device, threads, repeats); run only the others",
+    )
     p.add_argument("--case-timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument(
         "--profile",
@@ -1087,10 +1110,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped: {e}")
         return 0
 
+    kept = _reusable_results(args.keep_from) if args.keep_from else {}
     results = []
     for c in cases:
         if c.get("status") == "skipped":
             results.append(c)
+            continue
+        previous = kept.get(_reuse_key(c))
+        if previous is not None:
+            print(f"keep {c['model']} {c['method']} {c['impl']} from {args.keep_from}")
+            results.append({**previous, "kept_from": str(args.keep_from)})
             continue
         label = f"{c['model']} {c['method']} {c['impl']}"
         print(f"run  {label} ...", end=" ", flush=True)
