@@ -24,7 +24,6 @@ in every case.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import math
@@ -51,14 +50,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from torchserve_harness import TorchServe, build_archive  # noqa: E402
+from torchserve_harness import DIGITS, TorchServe, build_archive, load_demo_model  # noqa: E402
 
 import torchserve_gradnorm  # noqa: E402
 from torchserve_gradnorm.codecs import RequestDecoder  # noqa: E402
 from torchserve_gradnorm.config import handler_section, parse_handler_config  # noqa: E402
 from torchserve_gradnorm.scorer import GradNormScorer  # noqa: E402
 
-DIGITS = REPO / "samples/digits"
 PLAIN_HANDLER = REPO / "samples/plain_handler.py"
 PACKAGE_DIR = Path(torchserve_gradnorm.__file__).resolve().parent
 # model name -> param_filter (None: the plain forward-only handler)
@@ -87,15 +85,6 @@ def picture_inputs() -> list[tuple[str, bytes]]:
     return inputs
 
 
-def load_model() -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.DigitsCNN()
-    model.load_state_dict(torch.load(DIGITS / "digits_cnn.pt", weights_only=True))
-    return model.eval()
-
-
 @dataclass
 class Expected:
     indices: list[int]
@@ -107,7 +96,7 @@ def offline_answers(config: dict, bodies: list[bytes], param_filter: str | None)
     handler = parse_handler_config(handler_section(config))
     decoder = RequestDecoder(handler.input, handler.limits)
     x = torch.cat([decoder.decode(body).samples for body in bodies])
-    model = load_model()
+    model = load_demo_model()
     if param_filter is None:
         with torch.inference_mode():
             logits, norms = model(x), [None] * len(x)

@@ -11,7 +11,6 @@ scorer's own halving of chunks in test_engine_behaviour.py.)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ import pytest
 import requests
 import torch
 import yaml
-from torchserve_harness import TorchServe, build_archive
+from torchserve_harness import DIGITS, TorchServe, build_archive, demo_config, load_demo_model
 
 from torchserve_gradnorm.codecs import RequestDecoder
 from torchserve_gradnorm.config import handler_section, parse_handler_config
@@ -36,21 +35,7 @@ from torchserve_gradnorm.scorer import GradNormScorer
 from torchserve_gradnorm.service import GradNormService
 
 REPO = Path(__file__).resolve().parent.parent
-DIGITS = REPO / "samples/digits"
 PICTURES = sorted((REPO / "samples/images").glob("*/*.png"))
-
-
-def demo_config() -> dict:
-    return yaml.safe_load((DIGITS / "model-config.yaml").read_text())
-
-
-def load_demo_model() -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.DigitsCNN()
-    model.load_state_dict(torch.load(DIGITS / "digits_cnn.pt", weights_only=True))
-    return model.eval()
 
 
 @dataclass(frozen=True)

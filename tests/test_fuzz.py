@@ -14,7 +14,6 @@ plus a body over ``max_request_size``, and must keep the same worker.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import math
@@ -38,36 +37,26 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from torchserve_harness import TorchServe, build_archive
+from torchserve_harness import DIGITS, TorchServe, build_archive, demo_config, load_demo_model
 
 from torchserve_gradnorm.config import handler_section, parse_handler_config
 from torchserve_gradnorm.service import GradNormService
 
 REPO = Path(__file__).resolve().parent.parent
-DIGITS = REPO / "samples/digits"
 PICTURE_PATHS = sorted((REPO / "samples/images").glob("*/*.png"))
 MAX_TENSOR_ELEMENTS = 4096  # lowered from the default, so that "huge" stays cheap
 MAX_INSTANCES = 4
 MAX_PIXELS = 16_000_000  # the default, kept
 
 
-def demo_config(**limits: int) -> dict:
-    config = yaml.safe_load((DIGITS / "model-config.yaml").read_text())
+def limited_config(**limits: int) -> dict:
+    config = demo_config()
     config["handler"]["limits"] = limits
     return config
 
 
-def load_demo_model() -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.DigitsCNN()
-    model.load_state_dict(torch.load(DIGITS / "digits_cnn.pt", weights_only=True))
-    return model.eval()
-
-
 def make_service(**limits: int) -> GradNormService:
-    config = parse_handler_config(handler_section(demo_config(**limits)))
+    config = parse_handler_config(handler_section(limited_config(**limits)))
     labels = json.loads((DIGITS / "index_to_name.json").read_text())
     service = GradNormService(load_demo_model(), config, labels)
     service.warm_up()
@@ -408,7 +397,7 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("torchserve-fuzz")
     store = work / "model_store"
     store.mkdir()
-    config = demo_config(max_tensor_elements=100_000)
+    config = limited_config(max_tensor_elements=100_000)
     # a long batch delay makes the concurrent requests of a round land in one batch
     config.update(batchSize=8, maxBatchDelay=400)
     (work / "digits.yaml").write_text(yaml.safe_dump(config))

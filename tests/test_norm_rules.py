@@ -235,6 +235,10 @@ CONV_CASES = [
         4,
         id="3d-reflect",
     ),
+    # one output position per sample: the weight gradient is an outer product (rank one)
+    case(nn.Conv2d(4, 6, 3), 4, 3, 3, id="2d-single-position"),
+    case(nn.Conv2d(4, 6, 3, groups=2, padding=1, stride=3), 4, 2, 2, id="2d-single-pos-groups"),
+    case(nn.Conv1d(3, 5, 4, padding_mode="reflect", padding=1), 3, 2, id="1d-single-pos-reflect"),
 ]
 
 

@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from torchserve_harness import REPO, TorchServe, build_archive, free_port
+from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, free_port
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana/torchserve-gradnorm.json"
-DIGITS = REPO / "samples/digits"
 ID_PICTURES = sorted((REPO / "samples/images/id").glob("*.png"))  # 10, scores <= -8.1e5
 OOD_PICTURES = [
     REPO / "samples/images/ood/blank_black.png",

@@ -20,7 +20,7 @@ import pytest
 import requests
 import torch
 import yaml
-from torchserve_harness import REPO, TorchServe, build_archive
+from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, demo_config, load_demo_model
 
 from torchserve_gradnorm.calibration import Calibration
 from torchserve_gradnorm.codecs import RequestDecoder
@@ -33,14 +33,9 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
     pytest.skip("TorchServe needs Java (java not found on PATH)", allow_module_level=True)
 
-DIGITS = REPO / "samples/digits"
 ID_PICTURE = REPO / "samples/images/id/digit_3_idx45.png"
 OOD_PICTURE = REPO / "samples/images/ood/letter_W.png"
 BATCH_HEADER = "X-GradNorm-Batch-Size"
-
-
-def demo_config() -> dict:
-    return yaml.safe_load((DIGITS / "model-config.yaml").read_text())
 
 
 def write_config(path: Path, **handler_overrides) -> Path:
@@ -50,17 +45,6 @@ def write_config(path: Path, **handler_overrides) -> Path:
     config["handler"].update(handler_overrides)
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def load_demo_model() -> torch.nn.Module:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.DigitsCNN()
-    model.load_state_dict(torch.load(DIGITS / "digits_cnn.pt", weights_only=True))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

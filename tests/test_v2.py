@@ -5,7 +5,6 @@ TorchServe at /v2/models/{name}/infer (no envelope configured)."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import shutil
@@ -19,14 +18,13 @@ import requests
 import torch
 import yaml
 from torch import nn
-from torchserve_harness import REPO, TorchServe, build_archive
+from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, load_demo_model
 
 from torchserve_gradnorm.config import handler_section, parse_handler_config
 from torchserve_gradnorm.service import GradNormService
 from torchserve_gradnorm.v2 import OUTPUT_NAMES
 
 SCHEMA = json.loads((REPO / "docs/response.schema.json").read_text())
-DIGITS = REPO / "samples/digits"
 ID_PICTURES = sorted((REPO / "samples/images/id").glob("*.png"))
 OOD_PICTURE = REPO / "samples/images/ood/blank_black.png"  # score about -3.4e5
 THRESHOLD = -750000.0  # between the demo's ID pictures (<= -8.1e5) and blank_black
@@ -66,15 +64,6 @@ def tensor_service(**handler) -> GradNormService:
     svc = GradNormService(Tiny(), config, labels={"0": "cat", "1": "dog", "2": "owl"})
     svc.model_name = "tiny"
     return svc
-
-
-def load_demo_model() -> nn.Module:
-    spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.DigitsCNN()
-    model.load_state_dict(torch.load(DIGITS / "digits_cnn.pt", weights_only=True))
-    return model.eval()
 
 
 def digits_service(**handler) -> GradNormService:

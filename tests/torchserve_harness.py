@@ -6,6 +6,7 @@ it takes every worker down with it, and ``stop()`` checks that nothing is left b
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -17,8 +18,26 @@ import time
 from pathlib import Path
 
 import requests
+import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "samples/digits"
+
+
+def demo_config() -> dict:
+    """The demo archive's whole model-config.yaml, as a mapping."""
+    return yaml.safe_load((DIGITS / "model-config.yaml").read_text())
+
+
+def load_demo_model() -> torch.nn.Module:
+    """The demo digits CNN, loaded as TorchServe loads it (one class, weights_only)."""
+    spec = importlib.util.spec_from_file_location("digits_model", DIGITS / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.DigitsCNN()
+    model.load_state_dict(torch.load(DIGITS / "digits_cnn.pt", weights_only=True))
+    return model.eval()
 
 
 def free_port() -> int:

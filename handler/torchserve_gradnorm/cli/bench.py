@@ -619,10 +619,15 @@ def _reuse_key(case: dict) -> tuple:
 def _reusable_results(path: Path) -> dict[tuple, dict]:
     """The cases of an earlier run that need no rerun: ok, and not CPU-contended."""
     try:
-        cases = json.loads(Path(path).read_text())["cases"]
+        earlier = json.loads(Path(path).read_text())
+        cases, date = earlier["cases"], earlier["meta"]["date"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"gradnorm-bench: cannot read --keep-from {path}: {e}") from None
-    return {_reuse_key(c): c for c in cases if c.get("status") == "ok" and not _contended(c)}
+    return {
+        _reuse_key(c): {**c, "kept_from": c.get("kept_from") or f"run of {date}"}
+        for c in cases
+        if c.get("status") == "ok" and not _contended(c)
+    }
 
 
 def run_one(case: dict, isolation: str, timeout: float) -> dict:
@@ -838,6 +843,8 @@ def _ok_note(c: dict) -> str:
     notes = [c["options"]] if c.get("options") else []
     if _contended(c):
         notes.append(f"CPU contended {c['cpu_stall']:.0%} of the time")
+    if c.get("kept_from"):
+        notes.append(f"from the {c['kept_from']}")
     return "; ".join(notes)
 
 
@@ -1073,7 +1080,14 @@ def main(argv: list[str] | None = None) -> int:
         result = run_case_guarded(json.loads(args.single_case))
         print(RESULT_MARKER + json.dumps(result), flush=True)
         return 0
+    threads = torch.get_num_threads()
+    try:
+        return _bench(args, argv)
+    finally:  # called in-process (tests): leave the caller's thread count as it was
+        torch.set_num_threads(threads)
 
+
+def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
             "gradnorm-bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr
@@ -1119,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = kept.get(_reuse_key(c))
         if previous is not None:
             print(f"keep {c['model']} {c['method']} {c['impl']} from {args.keep_from}")
-            results.append({**previous, "kept_from": str(args.keep_from)})
+            results.append(previous)
             continue
         label = f"{c['model']} {c['method']} {c['impl']}"
         print(f"run  {label} ...", end=" ", flush=True)
@@ -1171,13 +1185,6 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{name} ({args.device}), torch {torch.__version__}, {args.threads} threads")
-    if args.device == "cpu" and meta["loadavg_start"] and meta["cpu_count"]:
-        busiest = max(meta["loadavg_start"][0], (meta["loadavg_end"] or [0])[0])
-        if busiest > meta["cpu_count"] - 0.5:
-            print(
-                f"WARNING: load average {busiest} on {meta['cpu_count']} CPUs: other processes "
-                "were competing for the CPU, timings are inflated"
-            )
     print(format_text_table(results))
     print()
     print("ratios (numerator / denominator; < 1 means the numerator is faster / smaller):")

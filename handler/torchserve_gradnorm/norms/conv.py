@@ -5,9 +5,13 @@ over the T output positions and U (d, T) the unfolded input (d = C_in/groups x k
 Two ways to its norm, chosen per layer (Bu, Mao & Xu 2022, mixed ghost clipping):
 - ghost (squared L2, 1-D and 2-D convs, when 2 T^2 <= d p): |G U^T|^2 = <G^T G, U^T U>,
   two (T, T) Gram matrices per sample; nothing of the weight's size is built.
+- rank one (any norm, 1-D and 2-D convs with a single output position, T = 1, as in the
+  last stage of a ResNet on small inputs): G U^T is an outer product g u^T, so the norms
+  are |g|^2 |u|^2 and |g|_1 |u|_1, as for a Linear layer.
 - build: the weight gradient of a convolution is a convolution of the input with the
   output gradient; folding the batch into the channel axis and multiplying ``groups`` by
-  B gives all B per-sample weight gradients in one grouped-convolution backward call.
+  B gives the per-sample weight gradients in one grouped-convolution backward call, in
+  chunks of samples that bound its size.
 """
 
 from __future__ import annotations
@@ -90,6 +94,16 @@ def ghost_sq_norm(module: nn.Module, activation: Tensor, grad_output: Tensor) ->
     return (gram_g * gram_u).sum((1, 2, 3))
 
 
+def rank_one_norm(module: nn.Module, activation: Tensor, grad_output: Tensor, kind: str) -> Tensor:
+    batch, groups = activation.shape[0], module.groups
+    x, padding = _padded(module, activation)
+    u = _unfold(module, x, padding).reshape(batch, groups, -1)
+    g = grad_output.reshape(batch, groups, -1)
+    if kind == "sq_l2":
+        return (g.square().sum(2) * u.square().sum(2)).sum(1)
+    return (g.abs().sum(2) * u.abs().sum(2)).sum(1)
+
+
 def prefers_ghost(module: nn.Module, grad_output: Tensor, kind: str) -> bool:
     if kind != "sq_l2" or grad_output.dim() > 4:
         return False
@@ -105,11 +119,18 @@ def conv_norms(
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if "weight" in wanted:
-        if prefers_ghost(module, grad_output, kind):
+        if grad_output.dim() <= 4 and grad_output[0, 0].numel() == 1:
+            out["weight"] = rank_one_norm(module, activation, grad_output, kind)
+        elif prefers_ghost(module, grad_output, kind):
             out["weight"] = ghost_sq_norm(module, activation, grad_output)
         else:
-            out["weight"] = per_sample_norm(
-                per_sample_conv_weight_grad(module, activation, grad_output), kind
+            # B x |W| numbers per chunk; keep each chunk near 2^26 of them
+            chunk = max(1, (1 << 26) // module.weight.numel())
+            out["weight"] = torch.cat(
+                [
+                    per_sample_norm(per_sample_conv_weight_grad(module, a, g), kind)
+                    for a, g in zip(activation.split(chunk), grad_output.split(chunk))
+                ]
             )
     if "bias" in wanted:
         out["bias"] = per_sample_norm(grad_output.flatten(2).sum(2), kind)
