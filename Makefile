@@ -93,5 +93,10 @@ kserve-store: model_store/digits.mar
 # Load test over loopback: 2,000 requests per model at concurrency 16 against the demo
 # model served plain (forward only), with the head-only filter and with every parameter;
 # checks every answer by content, prints throughput and p50/p99, fails on any error.
+# Per-sample norm timings and memory against pytorch-ood, BackPACK and plain passes (CPU).
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/gradnorm-bench --threads 2 --retry-contended 2 --out bench/results/cpu-2threads.json
+
 load: $(STAMP)
 	$(BIN)/python bench/load.py --requests 2000 --concurrency 16 --timeout-s 300
