@@ -18,16 +18,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check handler tests samples
+	$(BIN)/ruff check handler tests samples bench
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check handler tests samples
-	$(BIN)/ruff format --check handler tests samples
+	$(BIN)/ruff check handler tests samples bench
+	$(BIN)/ruff format --check handler tests samples bench
 
 format: $(STAMP)
-	$(BIN)/ruff format handler tests samples
-	$(BIN)/ruff check --fix handler tests samples
+	$(BIN)/ruff format handler tests samples bench
+	$(BIN)/ruff check --fix handler tests samples bench
 
 clean:
 	rm -rf $(VENV) model_store/*.mar logs build
