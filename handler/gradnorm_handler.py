@@ -32,9 +32,8 @@ class GradNormHandler(BaseHandler):
             calibration = shipped_calibration(context.system_properties["model_dir"], config)
             weights_sha256 = file_sha256(self.model_pt_path) if calibration else None
             self.service = GradNormService(
-                self.model, config, self.mapping, calibration, weights_sha256
+                self.model, config, self.mapping, calibration, weights_sha256, context.model_name
             )
-            self.service.model_name = context.model_name  # named in v2 answers
             self.service.warm_up()
         except ConfigError as e:
             logger.error("gradnorm: model not loaded, invalid model-config.yaml: %s", e)

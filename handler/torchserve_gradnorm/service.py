@@ -45,7 +45,6 @@ class BatchStats:
     requests: int = 0
     samples: int = 0
     scoring_ms: float = 0.0
-    replies: list[Reply] = field(default_factory=list)
 
 
 def _finite(answer: dict[str, Any]) -> bool:
@@ -55,9 +54,6 @@ def _finite(answer: dict[str, Any]) -> bool:
 
 
 class GradNormService:
-    model_name = "model"
-    """The name v2 (Open Inference Protocol) answers carry; the handler sets TorchServe's."""
-
     def __init__(
         self,
         model: nn.Module,
@@ -65,8 +61,10 @@ class GradNormService:
         labels: Mapping[str, Any] | None = None,
         calibration: Calibration | None = None,
         weights_sha256: str | None = None,
+        model_name: str = "model",
     ) -> None:
         self.config = config
+        self.model_name = model_name  # named in v2 (Open Inference Protocol) answers
         self.labels = labels
         self.calibration = calibration
         self.detector = self._detector(config, calibration)
@@ -140,7 +138,7 @@ class GradNormService:
         scoring_ms = (time.perf_counter() - start) * 1000.0
         done = [r for r in replies if r is not None]
         self.last = BatchStats(
-            len(requests), sum(len(d.samples) for d in decoded.values()), scoring_ms, done
+            len(requests), sum(len(d.samples) for d in decoded.values()), scoring_ms
         )
         return done
 
