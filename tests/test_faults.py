@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -26,8 +25,14 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-import yaml
-from torchserve_harness import DIGITS, TorchServe, build_archive, demo_config, load_demo_model
+from torchserve_harness import (
+    DIGITS,
+    TorchServe,
+    demo_archive,
+    demo_config,
+    load_demo_model,
+    serving,
+)
 
 from torchserve_gradnorm.codecs import RequestDecoder
 from torchserve_gradnorm.config import handler_section, parse_handler_config
@@ -149,23 +154,10 @@ KILL_AFTER = 80  # answers
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-        pytest.skip("TorchServe needs Java (java not found on PATH)")
     work = tmp_path_factory.mktemp("torchserve-faults")
-    store = work / "model_store"
-    store.mkdir()
-    config = demo_config()
-    config.update(batchSize=8, maxBatchDelay=20)
-    (work / "digits.yaml").write_text(yaml.safe_dump(config))
-    build_archive(
-        store, "digits", DIGITS / "digits_cnn.pt", work / "digits.yaml", DIGITS / "model.py"
-    )
-    ts = TorchServe(work, store, ["digits"])
-    try:
-        ts.start()
+    demo_archive(work, batchSize=8, maxBatchDelay=20)
+    with serving(TorchServe(work, work / "model_store", ["digits"])) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def workers(server) -> list[dict]:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import threading
 import zlib
@@ -32,12 +31,18 @@ import numpy as np
 import pytest
 import requests
 import torch
-import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from torchserve_harness import DIGITS, TorchServe, build_archive, demo_config, load_demo_model
+from torchserve_harness import (
+    DIGITS,
+    TorchServe,
+    demo_archive,
+    demo_config,
+    load_demo_model,
+    serving,
+)
 
 from torchserve_gradnorm.config import handler_section, parse_handler_config
 from torchserve_gradnorm.service import GradNormService
@@ -392,24 +397,12 @@ MAX_REQUEST_SIZE = 6_553_500  # TorchServe's default, as in config.properties
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-        pytest.skip("TorchServe needs Java (java not found on PATH)")
     work = tmp_path_factory.mktemp("torchserve-fuzz")
-    store = work / "model_store"
-    store.mkdir()
-    config = limited_config(max_tensor_elements=100_000)
     # a long batch delay makes the concurrent requests of a round land in one batch
-    config.update(batchSize=8, maxBatchDelay=400)
-    (work / "digits.yaml").write_text(yaml.safe_dump(config))
-    build_archive(
-        store, "digits", DIGITS / "digits_cnn.pt", work / "digits.yaml", DIGITS / "model.py"
-    )
-    ts = TorchServe(work, store, ["digits"])
-    try:
-        ts.start()
+    limits = {"limits": {"max_tensor_elements": 100_000}}
+    demo_archive(work, handler=limits, batchSize=8, maxBatchDelay=400)
+    with serving(TorchServe(work, work / "model_store", ["digits"])) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def worker_pid(server) -> int:

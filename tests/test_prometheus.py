@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, free_port
+from torchserve_harness import (
+    REPO,
+    TorchServe,
+    demo_archive,
+    free_port,
+    serving,
+)
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana/torchserve-gradnorm.json"
@@ -125,18 +131,8 @@ def test_the_ood_panels_cover_rate_flagged_count_score_quantiles_and_latency():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-        pytest.skip("TorchServe needs Java (java not found on PATH)")
     work = tmp_path_factory.mktemp("torchserve-metrics")
-    store = work / "model_store"
-    store.mkdir()
-    config = yaml.safe_load((DIGITS / "model-config.yaml").read_text())
-    config.update(batchSize=8, maxBatchDelay=300)
-    config["handler"]["threshold"] = THRESHOLD
-    (work / "digits.yaml").write_text(yaml.safe_dump(config))
-    archive = build_archive(
-        store, "digits", DIGITS / "digits_cnn.pt", work / "digits.yaml", DIGITS / "model.py"
-    )
+    archive = demo_archive(work, handler={"threshold": THRESHOLD}, batchSize=8, maxBatchDelay=300)
     # a calibration gives the score reference (ID median, threshold) that OODScore needs
     subprocess.run(
         [str(Path(sys.executable).parent / "gradnorm-calibrate"), str(archive),
@@ -144,12 +140,8 @@ def server(tmp_path_factory):
          "--into", str(archive), "--out", str(work / "calibration.json")],
         check=True, capture_output=True,
     )  # fmt: skip
-    ts = TorchServe(work, store, ["digits"])
-    try:
-        ts.start()
+    with serving(TorchServe(work, work / "model_store", ["digits"])) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,14 @@ import requests
 import torch
 import yaml
 from torch import nn
-from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, load_demo_model
+from torchserve_harness import (
+    DIGITS,
+    REPO,
+    TorchServe,
+    demo_archive,
+    load_demo_model,
+    serving,
+)
 
 from torchserve_gradnorm.config import handler_section, parse_handler_config
 from torchserve_gradnorm.service import GradNormService
@@ -242,33 +248,23 @@ class KServeLikeTorchServe(TorchServe):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-        pytest.skip("TorchServe needs Java (java not found on PATH)")
     work = tmp_path_factory.mktemp("torchserve-v2")
-    store = work / "model_store"
-    store.mkdir()
-    config = yaml.safe_load((DIGITS / "model-config.yaml").read_text())
-    config["handler"]["threshold"] = THRESHOLD
-    (work / "digits.yaml").write_text(yaml.safe_dump(config))
-    build_archive(
-        store, "digits", DIGITS / "digits_cnn.pt", work / "digits.yaml", DIGITS / "model.py"
-    )
+    demo_archive(work, handler={"threshold": THRESHOLD})
     settings = {k: v for k, v in kserve_settings().items() if k not in LOCAL_KEYS}
     snapshot = json.loads(settings["model_snapshot"])
     for version in snapshot["models"]["digits"].values():
         # one worker and a long batch delay, so that concurrent test requests share a batch
         version.update(minWorkers=1, maxWorkers=1, maxBatchDelay=400)
     settings["model_snapshot"] = json.dumps(snapshot)
-    ts = KServeLikeTorchServe(work, store, ["digits"])
+    ts = KServeLikeTorchServe(work, work / "model_store", ["digits"])
     ts.extra_config = [f"{k}={v}" for k, v in settings.items()]
     # what KServe's runtime sets for protocolVersion v2: must be ignored
     os.environ["TS_SERVICE_ENVELOPE"] = "kservev2"
     try:
-        ts.start()
-        yield ts
+        with serving(ts) as running:
+            yield running
     finally:
         os.environ.pop("TS_SERVICE_ENVELOPE", None)
-        ts.stop()
 
 
 def infer(server, body, path="/v2/models/digits/infer") -> requests.Response:

@@ -10,13 +10,17 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import requests
 import torch
 import yaml
@@ -44,6 +48,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def demo_archive(work: Path, name: str = "digits", handler: dict | None = None, **top) -> Path:
+    """The demo model packed into ``work/model_store``; ``top`` overrides TorchServe's keys of
+    its model-config.yaml (batchSize, maxBatchDelay, ...), ``handler`` merges into ours."""
+    config = demo_config()
+    config.update(top)
+    config["handler"].update(handler or {})
+    store = work / "model_store"
+    store.mkdir(exist_ok=True)
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return build_archive(
+        store, name, DIGITS / "digits_cnn.pt", work / f"{name}.yaml", DIGITS / "model.py"
+    )
+
+
+@contextmanager
+def serving(server: TorchServe, **start) -> Iterator[TorchServe]:
+    """Start ``server``, hand it out, and stop it (workers included) whatever happens."""
+    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
+        pytest.skip("TorchServe needs Java (java not found on PATH)")
+    try:
+        server.start(**start)
+        yield server
+    finally:
+        server.stop()
 
 
 def build_archive(
