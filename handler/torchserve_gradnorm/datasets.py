@@ -8,6 +8,7 @@ sample each, or a stack of samples along a first axis.
 from __future__ import annotations
 
 import io
+import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +38,10 @@ def sample_files(folder: str | Path) -> list[Path]:
 def _array(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         return np.load(path, allow_pickle=False)
-    value = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses arbitrary objects
+        raise ValueError(f"{path}: not a plain tensor file ({e})") from None
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{path}: expected a tensor, got {type(value).__name__}")
     return value.numpy()
