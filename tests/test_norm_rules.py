@@ -239,12 +239,16 @@ CONV_CASES = [
     case(nn.Conv2d(4, 6, 3), 4, 3, 3, id="2d-single-position"),
     case(nn.Conv2d(4, 6, 3, groups=2, padding=1, stride=3), 4, 2, 2, id="2d-single-pos-groups"),
     case(nn.Conv1d(3, 5, 4, padding_mode="reflect", padding=1), 3, 2, id="1d-single-pos-reflect"),
+    # weights large enough that per-sample gradients are built from unfolded patches
+    case(nn.Conv2d(128, 128, 3, padding=1, groups=2), 128, 3, 3, id="2d-large-unfold-groups"),
+    case(nn.Conv1d(256, 256, 1, stride=2), 256, 4, id="1d-large-unfold"),
 ]
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("layer", "shape"), CONV_CASES)
 def test_conv_rule_matches_loop(layer, shape, method):
+    """Each case runs the branch its shape selects (rank one, ghost or build; see conv.py)."""
     x = inputs(*shape)
     assert_fast_matches_loop(classifier(layer, x), x, method)
 
