@@ -159,10 +159,7 @@ def service_calibration(model: nn.Module, weights: str, config=CONFIG) -> Calibr
     service = GradNormService(model, config)
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     result = service.scorer.__class__(model, per_layer=True)(x)
-    features = Features(
-        torch.stack(list(result.per_layer.values()), 1).double().numpy(),
-        result.ood_score.double().numpy(),
-    )
+    features = Features.from_result(result)
     return calibrate(
         MahalanobisDetector(), features, None, tpr=0.9, config=config,
         parameters=service.scorer.selected, weights_sha256=weights,

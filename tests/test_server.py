@@ -133,9 +133,7 @@ def offline_features(picture: Path) -> Features:
     config = parse_handler_config(handler_section(demo_config()))
     x = RequestDecoder(config.input, config.limits).decode(picture.read_bytes()).samples
     kwargs = {**config.scorer_kwargs(), "per_layer": True}
-    result = GradNormScorer(load_demo_model(), **kwargs)(x)
-    per_layer = torch.stack(list(result.per_layer.values()), 1).double().numpy()
-    return Features(per_layer, result.ood_score.double().numpy())
+    return Features.from_result(GradNormScorer(load_demo_model(), **kwargs)(x))
 
 
 def test_a_picture_gets_predictions_and_an_ood_score(server):

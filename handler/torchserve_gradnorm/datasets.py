@@ -86,17 +86,14 @@ def score_folder(
     samples = torch.cat(list(iter_folder(folder, decoder)))
     if progress is None:
         progress = sys.stderr.isatty()
-    per_layer, scores, logits = [], [], []
+    features, logits = [], []
     for start in range(0, len(samples), batch_size):
         result = scorer(samples[start : start + batch_size])
-        per_layer.append(torch.stack(list(result.per_layer.values()), 1).double().cpu().numpy())
-        scores.append(result.ood_score.double().cpu().numpy())
+        features.append(Features.from_result(result))
         logits.append(result.logits.double().cpu().numpy())
         if progress:
             done = min(start + batch_size, len(samples))
             print(f"\rscoring {label or folder}: {done}/{len(samples)}", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
-    return Scored(
-        Features(np.concatenate(per_layer), np.concatenate(scores)), np.concatenate(logits)
-    )
+    return Scored(Features.concat(features), np.concatenate(logits))

@@ -41,6 +41,14 @@ class Features:
         return len(self.ood_score)
 
     @classmethod
+    def from_result(cls, result: Any) -> Features:
+        """From a ``ScoreResult`` scored with ``per_layer=True``."""
+        per_layer = torch.stack([v.detach() for v in result.per_layer.values()], 1)
+        return cls(
+            per_layer.double().cpu().numpy(), result.ood_score.detach().double().cpu().numpy()
+        )
+
+    @classmethod
     def concat(cls, parts: list[Features]) -> Features:
         return cls(
             np.concatenate([p.per_layer for p in parts]),

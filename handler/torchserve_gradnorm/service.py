@@ -186,15 +186,10 @@ class GradNormService:
         return replies
 
     def _answers(self, result: ScoreResult) -> list[dict[str, Any]]:
-        per_layer = result.per_layer
         if isinstance(self.detector, SumDetector):
             scores = result.ood_score
         else:
-            features = Features(
-                torch.stack([v.detach() for v in per_layer.values()], 1).double().cpu().numpy(),
-                result.ood_score.detach().double().cpu().numpy(),
-            )
-            scores = torch.from_numpy(self.detector.score(features))
+            scores = torch.from_numpy(self.detector.score(Features.from_result(result)))
         return prediction_answers(
             result.logits,
             result.grad_norm,
@@ -203,6 +198,6 @@ class GradNormService:
             top_k=self.config.top_k,
             threshold=self.threshold,
             labels=self.labels,
-            per_layer=per_layer if self.config.per_layer else None,
+            per_layer=result.per_layer if self.config.per_layer else None,
             detector=None if self.calibration is None else self.detector.name,
         )
