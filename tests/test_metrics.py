@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from torchserve_gradnorm import metrics
 from torchserve_gradnorm.metrics import record_batch, reference_pair, score_ratio
 from torchserve_gradnorm.service import Reply
-
-ts_metrics = pytest.importorskip("ts.metrics.metric_cache_yaml_impl")
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS_YAML = REPO / "metrics.yaml"
@@ -37,7 +36,7 @@ class Emitted:
 
 
 def cache():
-    c = ts_metrics.MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    c = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     c.initialize_cache()
     c.model_name = "digits"
     c.set_request_ids({0: "req-a", 1: "req-b", 2: "req-c"})

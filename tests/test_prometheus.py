@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from prerequisites import find_program, require
 from torchserve_harness import (
     REPO,
     TorchServe,
@@ -41,33 +41,22 @@ N = len(ID_PICTURES) + len(OOD_PICTURES)
 K = len(OOD_PICTURES)
 
 
-def find(tool: str) -> str | None:
-    return shutil.which(tool) or next(
-        (str(p) for p in (Path("/usr/bin") / tool, Path("/usr/local/bin") / tool) if p.exists()),
-        None,
-    )
-
-
-PROMETHEUS = find("prometheus")
-PROMTOOL = find("promtool")
-NO_PROMETHEUS = (
-    "Prometheus not found (no `prometheus` on PATH or in /usr/bin): `make test` installs the "
-    "Debian package `prometheus` when it runs as root with apt-get; install it to run this test"
-)
-
-
 # --- static checks: the files under monitoring/ ---
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS.replace("Prometheus", "promtool"))
 def test_promtool_checks_the_config_and_unit_tests_the_alert_rules():
+    require("promtool")
     for command in (
         ["check", "config", "prometheus.yml"],
         ["check", "rules", "alerts.yml"],
         ["test", "rules", *sorted(p.name for p in MONITORING.glob("*test*.yml"))],
     ):
         r = subprocess.run(
-            [PROMTOOL, *command], cwd=MONITORING, capture_output=True, text=True, timeout=60
+            [find_program("promtool"), *command],
+            cwd=MONITORING,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert r.returncode == 0, r.stdout + r.stderr
 
@@ -234,8 +223,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
-    if PROMETHEUS is None:
-        pytest.skip(NO_PROMETHEUS)
+    require("prometheus")
     work = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     config = {
@@ -252,7 +240,7 @@ def prometheus(server, tmp_path_factory):
     log = open(work / "prometheus.log", "wb")
     process = subprocess.Popen(
         [
-            PROMETHEUS,
+            find_program("prometheus"),
             f"--config.file={work / 'prometheus.yml'}",
             f"--storage.tsdb.path={work / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",

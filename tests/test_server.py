@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -30,8 +29,6 @@ from torchserve_gradnorm.scorer import GradNormScorer
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-    pytest.skip("TorchServe needs Java (java not found on PATH)", allow_module_level=True)
 
 ID_PICTURE = REPO / "samples/images/id/digit_3_idx45.png"
 OOD_PICTURE = REPO / "samples/images/ood/letter_W.png"

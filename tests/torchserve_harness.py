@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,10 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import requests
 import torch
 import yaml
+from prerequisites import require
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "samples/digits"
@@ -67,8 +66,6 @@ def demo_archive(work: Path, name: str = "digits", handler: dict | None = None, 
 @contextmanager
 def serving(server: TorchServe, **start) -> Iterator[TorchServe]:
     """Start ``server``, hand it out, and stop it (workers included) whatever happens."""
-    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-        pytest.skip("TorchServe needs Java (java not found on PATH)")
     try:
         server.start(**start)
         yield server
@@ -123,6 +120,7 @@ class TorchServe:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 120.0, ready_models: list[str] | None = None) -> None:
+        require("java")  # the frontend is Java: fail, never skip, without it
         config = self.workdir / "config.properties"
         config.write_text(
             "\n".join(
