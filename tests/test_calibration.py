@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pytorch_ood.metrics import OODMetrics
+from sklearn.metrics import roc_auc_score
 from torch import nn
+from torchserve_harness import demo_config, load_demo_model
 
 from torchserve_gradnorm.calibration import (
     Calibration,
@@ -22,7 +25,8 @@ from torchserve_gradnorm.calibration import (
     shipped_calibration,
     threshold_at_tpr,
 )
-from torchserve_gradnorm.config import ConfigError, parse_handler_config
+from torchserve_gradnorm.codecs import RequestDecoder
+from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
 from torchserve_gradnorm.detectors import (
     Features,
     MahalanobisDetector,
@@ -30,6 +34,7 @@ from torchserve_gradnorm.detectors import (
     SumDetector,
 )
 from torchserve_gradnorm.mar import open_archive
+from torchserve_gradnorm.scorer import GradNormScorer
 from torchserve_gradnorm.service import GradNormService
 
 REPO = Path(__file__).resolve().parent.parent
@@ -289,8 +294,27 @@ def test_calibrating_into_an_archive_of_other_weights_is_refused(demo, tmp_path)
     assert out.returncode != 0 and "other weights" in out.stderr
 
 
+def reference_scores(folder: Path, batch_size: int = 64) -> tuple[np.ndarray, Features]:
+    """MSP scores from a plain forward pass and gradient features from the scorer, for the
+    demo model's pictures in ``folder``, computed here rather than by gradnorm-eval."""
+    config = parse_handler_config(handler_section(demo_config()))
+    decoder = RequestDecoder(config.input, config.limits)
+    model = load_demo_model()
+    x = torch.cat([decoder.decode(f.read_bytes()).samples for f in sorted(folder.glob("*.png"))])
+    scorer = GradNormScorer(model, **{**config.scorer_kwargs(), "per_layer": True})
+    msp, features = [], []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start : start + batch_size]
+        with torch.no_grad():
+            msp.append(-torch.softmax(model(chunk).double(), 1).max(1).values.numpy())
+        features.append(Features.from_result(scorer(chunk)))
+    return np.concatenate(msp), Features.concat(features)
+
+
 @pytest.mark.slow
-def test_eval_reports_every_detector_and_the_softmax_baseline(demo, tmp_path):
+def test_eval_reports_the_reference_metrics_of_every_detector_and_the_softmax_baseline(
+    demo, tmp_path
+):
     data = demo / "data"
     out = run(
         BIN / "gradnorm-eval", demo / "digits.mar", "--id", data / "id_test",
@@ -300,11 +324,33 @@ def test_eval_reports_every_detector_and_the_softmax_baseline(demo, tmp_path):
         "--json", tmp_path / "eval.json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
-    seen = {(r["detector"], r["ood"]) for r in rows}
+    rows = {
+        (r["detector"], r["ood"]): r
+        for r in json.loads((tmp_path / "eval.json").read_text())["rows"]
+    }
     for detector in ("msp", "sum", "mahalanobis", "mlp", "mlp (kind unseen)"):
-        assert {(detector, "noise"), (detector, "letters")} <= seen
-    assert all(0.0 <= r["AUROC"] <= 1.0 for r in rows)
+        assert {(detector, "noise"), (detector, "letters")} <= set(rows)
+    # the same scores computed here, and the metrics of pytorch-ood and scikit-learn on them
+    id_msp, id_features = reference_scores(data / "id_test")
+    mahalanobis = MahalanobisDetector()
+    mahalanobis.fit(reference_scores(data / "id_val")[1])
+    for kind in ("noise", "letters"):
+        ood_msp, ood_features = reference_scores(data / "ood_test" / kind)
+        for detector, id_scores, ood_scores in (
+            ("msp", id_msp, ood_msp),
+            ("sum", id_features.ood_score, ood_features.ood_score),
+            ("mahalanobis", mahalanobis.score(id_features), mahalanobis.score(ood_features)),
+        ):
+            scores = np.r_[id_scores, ood_scores]
+            is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
+            metrics = OODMetrics()
+            metrics.update(torch.tensor(scores), torch.tensor(np.where(is_ood, -1, 0)))
+            expected = metrics.compute()
+            row = rows[(detector, kind)]
+            assert row["n_ood"] == len(ood_scores) == 40
+            assert row["AUROC"] == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-9)
+            for key in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95TPR"):
+                assert row[key] == pytest.approx(expected[key], abs=1e-9), (detector, kind, key)
 
 
 @pytest.mark.slow

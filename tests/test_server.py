@@ -243,8 +243,63 @@ def test_vmap_and_loop_archives_give_the_same_scores(server):
 
 def test_requests_without_the_token_are_refused(server):
     r = requests.post(f"{server.url}/predictions/digits", data=ID_PICTURE.read_bytes(), timeout=30)
-    assert r.status_code in (400, 401), r.text
+    assert r.status_code == 401, r.text
     assert "token" in r.text.lower()
+
+
+# --- gradnorm-client against this server: a non-default --url, the key file ---
+
+CLIENT = Path(sys.executable).parent / "gradnorm-client"
+
+
+def client(server, *argv, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CLIENT), "--url", server.url, *argv],
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_gradnorm_client_reads_the_key_file_and_prints_the_served_answers(server, tmp_path):
+    key_file = server.workdir / "key_file.json"
+    pictures = [ID_PICTURE, OOD_PICTURE]
+    out = client(server, "--model", "digits_cal", "--key-file", key_file, *pictures, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    direct = [post(server, "digits_cal", data=p.read_bytes()).json() for p in pictures]
+    assert [row[0] for row in rows] == [str(p) for p in pictures]
+    assert [row[1] for row in rows] == [a["predictions"][0]["label"] for a in direct]
+    assert [float(row[3]) for row in rows] == [
+        pytest.approx(a["ood"]["score"], rel=1e-5) for a in direct
+    ]
+    assert [row[4] for row in rows] == ["no", "yes"]  # the calibrated demo flags the W
+
+
+def test_gradnorm_client_json_lines_are_the_served_answers(server, tmp_path):
+    out = client(
+        server, "--json", "--key-file", server.workdir / "key_file.json", ID_PICTURE, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    (record,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert record["status"] == 200
+    jsonschema.validate(record["answer"], SCHEMA)
+    expected = post(server, "digits", data=ID_PICTURE.read_bytes()).json()
+    assert record["answer"]["predictions"][0] == expected["predictions"][0]
+    assert record["answer"]["ood"]["grad_norm"] == pytest.approx(
+        offline_grad_norm(ID_PICTURE), rel=1e-5
+    )
+
+
+def test_gradnorm_client_finds_key_file_json_where_torchserve_wrote_it(server):
+    # TorchServe writes key_file.json in its working directory: run the client from there
+    out = client(server, "--model", "digits", ID_PICTURE, cwd=server.workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[1].split()[1] == "three"
+
+
+def test_gradnorm_client_shows_the_servers_refusal_of_a_wrong_key(server, tmp_path):
+    out = client(server, "--token", "not-the-key", ID_PICTURE, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "HTTP 401: Token Authorization failed" in out.stdout
 
 
 def test_a_bad_handler_config_fails_the_model_load_with_the_key_in_the_log(server):
