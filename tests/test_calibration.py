@@ -379,3 +379,19 @@ def test_archive_ships_a_matching_calibration_and_refuses_a_foreign_one(demo, tm
     hotter.write_text((digits / "model-config.yaml").read_text() + "  temperature: 3.0\n")
     refused = run(BIN / "gradnorm-archive", "--model-name", "x", "--config-file", hotter, *common)
     assert refused.returncode != 0 and "other weights or scoring settings" in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_quotes_the_demo_calibration(demo, tmp_path):
+    # `make archive` calibrates the demo archive the same way, on the same 270 digits
+    out = run(
+        BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val",
+        "--detector", "mahalanobis", "--out", tmp_path / "cal.json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    cal = Calibration.load(tmp_path / "cal.json")
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (
+        f"(threshold {cal.threshold:.2f}, {100 * cal.achieved_tpr:.1f} % of the calibration "
+        "digits below it)" in readme
+    )

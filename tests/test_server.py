@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -243,8 +244,10 @@ def test_vmap_and_loop_archives_give_the_same_scores(server):
 
 def test_requests_without_the_token_are_refused(server):
     r = requests.post(f"{server.url}/predictions/digits", data=ID_PICTURE.read_bytes(), timeout=30)
-    assert r.status_code == 401, r.text
-    assert "token" in r.text.lower()
+    # TorchServe 0.12 answers a missing or wrong token with 400, not 401
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "InvalidKeyException"
+    assert "token" in r.json()["message"].lower()
 
 
 # --- gradnorm-client against this server: a non-default --url, the key file ---
@@ -299,7 +302,7 @@ def test_gradnorm_client_finds_key_file_json_where_torchserve_wrote_it(server):
 def test_gradnorm_client_shows_the_servers_refusal_of_a_wrong_key(server, tmp_path):
     out = client(server, "--token", "not-the-key", ID_PICTURE, cwd=tmp_path)
     assert out.returncode == 1
-    assert "HTTP 401: Token Authorization failed" in out.stdout
+    assert "HTTP 400: Token Authorization failed" in out.stdout
 
 
 def test_a_bad_handler_config_fails_the_model_load_with_the_key_in_the_log(server):
@@ -323,3 +326,35 @@ def test_a_calibrated_archive_flags_ood_out_of_the_box(server):
         offline = calibration.build_detector().score(offline_features(picture))[0]
         assert ood["score"] == pytest.approx(offline, rel=1e-5)
         assert ood["grad_norm"] == pytest.approx(offline_grad_norm(picture), rel=1e-5)
+
+
+def close_to_quoted(value: float, text: str) -> bool:
+    """``value`` printed at the precision of ``text`` (and a float32 ulp or so) is ``text``."""
+    decimals = len(text.partition(".")[2])
+    return abs(value - float(text)) <= 0.5 * 10**-decimals + 1e-5 * abs(value)
+
+
+def test_the_readme_example_answers_are_the_calibrated_demos(server):
+    # digits_cal is calibrated like `make archive` (mahalanobis on the same 270 digits)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    top = re.findall(r'\{"index": (\d+), "label": "(\w+)", "probability": ([0-9.]+)\}', readme)
+    ood = re.search(
+        r'"score": ([0-9.]+), "grad_norm": ([0-9.]+), "is_ood": true, "threshold": ([0-9.]+), '
+        r'"method": "(\w+)", "detector": "(\w+)"',
+        readme,
+    )
+    digit = re.search(r'a real "3" gets `"score": ([0-9.]+), "is_ood": false`', readme)
+    assert len(top) >= 2 and ood and digit, "the README's example answer moved"
+    answer = post(server, "digits_cal", data=OOD_PICTURE.read_bytes()).json()
+    for (index, label, probability), served in zip(top[:2], answer["predictions"]):
+        assert (served["index"], served["label"]) == (int(index), label)
+        assert close_to_quoted(served["probability"], probability)
+    score, grad_norm, threshold, method, detector = ood.groups()
+    assert answer["ood"]["is_ood"] is True
+    assert close_to_quoted(answer["ood"]["score"], score)
+    assert close_to_quoted(answer["ood"]["grad_norm"], grad_norm)
+    assert close_to_quoted(answer["ood"]["threshold"], threshold)
+    assert (answer["ood"]["method"], answer["ood"]["detector"]) == (method, detector)
+    three = post(server, "digits_cal", data=ID_PICTURE.read_bytes()).json()
+    assert three["predictions"][0]["label"] == "three" and three["ood"]["is_ood"] is False
+    assert close_to_quoted(three["ood"]["score"], digit.group(1))
