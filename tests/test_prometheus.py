@@ -388,8 +388,11 @@ def test_every_dashboard_panel_shows_the_values_of_known_traffic(server, prometh
     assert before["OODRequests"] == N
     for name in totals:
         assert wait_for(lambda n=name: prometheus.value(f"sum({n}{model})") == before[n], 45), name
-    time.sleep(15)  # a long steady stretch: increase() extrapolates by under 1/14 of a window
-    start = time.monotonic()
+    # a steady stretch inside the window: increase() extrapolates the counters over the
+    # window by about one scrape interval (1 s), so the window must be long for round() to
+    # give the exact count (over 14 s for 6 requests)
+    steady = time.monotonic()
+    time.sleep(15)
     # one request at a time (each its own batch): 4 ID pictures and the 2 OOD ones
     pictures = ID_PICTURES[:4] + OOD_PICTURES
     answers = [
@@ -406,7 +409,8 @@ def test_every_dashboard_panel_shows_the_values_of_known_traffic(server, prometh
     for name in totals:
         assert wait_for(lambda n=name: prometheus.value(f"sum({n}{model})") == after[n], 45), name
     time.sleep(2)  # one more scrape at the new values
-    window = f"{math.ceil(time.monotonic() - start) + 2}s"  # the round, and 2 s before it
+    # from 2 s into the steady stretch (Prometheus saw the old totals before it began)
+    window = f"{math.floor(time.monotonic() - steady) - 2}s"
 
     def panel(title: str, ref: str = "A") -> float:
         return dashboard_value(prometheus, title, ref, window)
