@@ -327,3 +327,37 @@ def test_archive_ships_a_matching_calibration_and_refuses_a_foreign_one(demo, tm
     hotter.write_text((digits / "model-config.yaml").read_text() + "  temperature: 3.0\n")
     refused = run(BIN / "gradnorm-archive", "--model-name", "x", "--config-file", hotter, *common)
     assert refused.returncode != 0 and "other weights or scoring settings" in refused.stderr
+
+
+@pytest.mark.slow
+def test_calibrate_defaults_to_the_id_only_mahalanobis_detector_written_to_calibration_json(
+    demo, tmp_path
+):
+    command = [BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val"]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    calibration = Calibration.load(tmp_path / "calibration.json")
+    assert calibration.detector == "mahalanobis"
+    assert not MahalanobisDetector.needs_ood
+
+
+@pytest.mark.slow
+def test_calibrate_into_an_archive_writes_a_file_only_when_out_is_given(demo, tmp_path):
+    archive = tmp_path / "digits.mar"
+    archive.write_bytes((demo / "digits.mar").read_bytes())
+    here = tmp_path / "here"
+    here.mkdir()
+    command = [str(BIN / "gradnorm-calibrate"), str(archive), "--id", str(demo / "data/id_val")]
+    into = subprocess.run(
+        [*command, "--into", str(archive)], cwd=here, capture_output=True, text=True, check=False
+    )
+    assert into.returncode == 0, into.stderr
+    assert list(here.iterdir()) == []
+    both = subprocess.run(
+        [*command, "--into", str(archive), "--out", "cal.json"],
+        cwd=here, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    assert [p.name for p in here.iterdir()] == ["cal.json"]
+    help_text = run(BIN / "gradnorm-calibrate", "--help").stdout
+    assert "with --into, no file unless --out is given" in " ".join(help_text.split())
