@@ -243,3 +243,21 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+class FakeContext:
+    """The parts of ts.context.Context that the handler uses, for tests without a server."""
+
+    def __init__(self, model_dir, serialized_file: str, model_yaml: dict) -> None:
+        self.model_yaml_config = model_yaml
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.manifest = {"model": {"serializedFile": serialized_file}}
+        self.model_name = "mymodel"
+        self.statuses: dict[int, int] = {}
+        self.content_types: dict[int, str] = {}
+
+    def set_response_status(self, code: int, phrase: str, idx: int = 0) -> None:
+        self.statuses[idx] = code
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_types[idx] = value
