@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,15 @@ import pytest
 import requests
 import torch
 import yaml
-from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, demo_config, load_demo_model
+from torchserve_harness import (
+    DIGITS,
+    REPO,
+    TorchServe,
+    build_archive,
+    demo_config,
+    load_demo_model,
+    with_config,
+)
 
 from torchserve_gradnorm.calibration import Calibration
 from torchserve_gradnorm.codecs import RequestDecoder
@@ -101,16 +108,6 @@ def calibrate_demo(archive: Path, work: Path) -> None:
          "--detector", "mahalanobis", "--into", str(archive), "--out", str(work / "cal.json")],
         check=True, capture_output=True,
     )  # fmt: skip
-
-
-def with_config(archive: Path, target: Path, config: Path) -> None:
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w") as dst:
-        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == manifest["model"]["configFile"]:
-                data = config.read_bytes()
-            dst.writestr(item, data)
 
 
 SCHEMA = json.loads((REPO / "docs/response.schema.json").read_text())

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +99,18 @@ def build_archive(
         command += ["--labels", str(labels)]
     subprocess.run(command, check=True, capture_output=True)
     return export_path / f"{name}.mar"
+
+
+def with_config(archive: Path, target: Path, config: Path) -> None:
+    """A copy of ``archive`` with another model-config.yaml: gradnorm-archive refuses to pack
+    a config that cannot load, so broken archives for tests are made this way."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w") as dst:
+        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == manifest["model"]["configFile"]:
+                data = config.read_bytes()
+            dst.writestr(item, data)
 
 
 class TorchServe:
