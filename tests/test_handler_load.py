@@ -62,3 +62,19 @@ def test_a_model_that_loads_is_not_refused(tmp_path):
     handler = loaded_handler(context)
     assert handler.load_error is None
     assert handler.service.scorer.selected
+
+
+def test_a_backend_that_cannot_score_torchscript_is_one_line_naming_the_key(tmp_path, caplog):
+    yaml = demo_config()
+    yaml["handler"]["backend"] = "fast"
+    context = FakeContext(tmp_path, scripted_demo(tmp_path), yaml)
+    with caplog.at_level(logging.ERROR):
+        handler = loaded_handler(context)
+    (line,) = [r.getMessage() for r in caplog.records if "gradnorm" in r.getMessage()]
+    assert line.startswith(
+        "gradnorm: model not loaded, invalid model-config.yaml: handler.backend: "
+    )
+    assert "TorchScript" in line and "\n" not in line
+    assert not any(r.exc_info for r in caplog.records)  # no traceback for a setting
+    (answer,) = handler.handle([{"body": b"picture"}], context)
+    assert "handler.backend" in answer["error"]["message"]
