@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
+from torchserve_harness import build_archive, demo_config, load_demo_model
 
 from torchserve_gradnorm.calibration import (
     Calibration,
@@ -361,3 +363,19 @@ def test_calibrate_into_an_archive_writes_a_file_only_when_out_is_given(demo, tm
     assert [p.name for p in here.iterdir()] == ["cal.json"]
     help_text = run(BIN / "gradnorm-calibrate", "--help").stdout
     assert "with --into, no file unless --out is given" in " ".join(help_text.split())
+
+
+@pytest.mark.slow
+def test_calibrate_a_torchscript_archive_with_the_head_filter(demo, tmp_path):
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(load_demo_model()), scripted)
+    config = demo_config()
+    config["handler"]["param_filter"] = "head"
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump(config))
+    archive = build_archive(tmp_path, "ts_head", scripted, tmp_path / "head.yaml")
+    out = run(
+        BIN / "gradnorm-calibrate", archive, "--id", demo / "data/id_val",
+        "--into", archive, "--out", tmp_path / "cal.json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert Calibration.load(tmp_path / "cal.json").n_id == 270
