@@ -58,7 +58,8 @@ eval: model_store/digits.mar
 	  --fit-id build/demo/id_val $(foreach s,letters noise photos inverted rotated,--fit-ood build/demo/ood_fit/$(s)) \
 	  --markdown docs/demo-eval.md --json build/demo/eval.json
 
-# TorchServe in the foreground with the demo model; Ctrl-C stops it.
+# TorchServe with the demo model: fails unless a prediction is answered, then stays in the
+# foreground; Ctrl-C stops it.
 serve: model_store/digits.mar
 	@PATH="$(CURDIR)/$(BIN):$$PATH" sh samples/serve.sh
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from pytorch_ood.metrics import OODMetrics
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torchserve_harness import demo_config, load_demo_model
+from torchserve_harness import build_archive, demo_config, load_demo_model
 
 from torchserve_gradnorm.calibration import (
     Calibration,
@@ -395,3 +396,52 @@ def test_the_readme_quotes_the_demo_calibration(demo, tmp_path):
         f"(threshold {cal.threshold:.2f}, {100 * cal.achieved_tpr:.1f} % of the calibration "
         "digits below it)" in readme
     )
+
+
+def test_calibrate_defaults_to_the_id_only_mahalanobis_detector_written_to_calibration_json(
+    demo, tmp_path
+):
+    command = [BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val"]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    calibration = Calibration.load(tmp_path / "calibration.json")
+    assert calibration.detector == "mahalanobis"
+    assert not MahalanobisDetector.needs_ood
+
+
+@pytest.mark.slow
+def test_calibrate_into_an_archive_writes_a_file_only_when_out_is_given(demo, tmp_path):
+    archive = tmp_path / "digits.mar"
+    archive.write_bytes((demo / "digits.mar").read_bytes())
+    here = tmp_path / "here"
+    here.mkdir()
+    command = [str(BIN / "gradnorm-calibrate"), str(archive), "--id", str(demo / "data/id_val")]
+    into = subprocess.run(
+        [*command, "--into", str(archive)], cwd=here, capture_output=True, text=True, check=False
+    )
+    assert into.returncode == 0, into.stderr
+    assert list(here.iterdir()) == []
+    both = subprocess.run(
+        [*command, "--into", str(archive), "--out", "cal.json"],
+        cwd=here, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    assert [p.name for p in here.iterdir()] == ["cal.json"]
+    help_text = run(BIN / "gradnorm-calibrate", "--help").stdout
+    assert "with --into, no file unless --out is given" in " ".join(help_text.split())
+
+
+@pytest.mark.slow
+def test_calibrate_a_torchscript_archive_with_the_head_filter(demo, tmp_path):
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(load_demo_model()), scripted)
+    config = demo_config()
+    config["handler"]["param_filter"] = "head"
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump(config))
+    archive = build_archive(tmp_path, "ts_head", scripted, tmp_path / "head.yaml")
+    out = run(
+        BIN / "gradnorm-calibrate", archive, "--id", demo / "data/id_val",
+        "--into", archive, "--out", tmp_path / "cal.json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert Calibration.load(tmp_path / "cal.json").n_id == 270

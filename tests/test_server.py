@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,15 @@ import pytest
 import requests
 import torch
 import yaml
-from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, demo_config, load_demo_model
+from torchserve_harness import (
+    DIGITS,
+    REPO,
+    TorchServe,
+    build_archive,
+    demo_config,
+    load_demo_model,
+    with_config,
+)
 
 from torchserve_gradnorm.calibration import Calibration
 from torchserve_gradnorm.codecs import RequestDecoder
@@ -65,6 +72,8 @@ def server(tmp_path_factory):
     scripted = work / "digits_scripted.pt"
     torch.jit.save(torch.jit.script(load_demo_model()), scripted)
     build_archive(store, "digits_ts", scripted, write_config(work / "ts.yaml"))
+    head = write_config(work / "ts_head.yaml", param_filter="head")
+    build_archive(store, "digits_ts_head", scripted, head)
     calibrated = build_archive(
         store, "digits_cal", serialized, write_config(work / "cal.yaml"), DIGITS / "model.py"
     )
@@ -75,7 +84,7 @@ def server(tmp_path_factory):
     )
     with_config(good, store / "broken.mar", write_config(work / "broken.yaml", top_k=0))
     good.unlink()
-    ready = ["digits", "digits_vmap", "digits_loop", "digits_ts", "digits_cal"]
+    ready = ["digits", "digits_vmap", "digits_loop", "digits_ts", "digits_ts_head", "digits_cal"]
     ts = TorchServe(work, store, [*ready, "broken"])
     try:
         ts.start(ready_models=ready)
@@ -97,16 +106,6 @@ def calibrate_demo(archive: Path, work: Path) -> None:
          "--detector", "mahalanobis", "--into", str(archive), "--out", str(work / "cal.json")],
         check=True, capture_output=True,
     )  # fmt: skip
-
-
-def with_config(archive: Path, target: Path, config: Path) -> None:
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w") as dst:
-        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == manifest["model"]["configFile"]:
-                data = config.read_bytes()
-            dst.writestr(item, data)
 
 
 SCHEMA = json.loads((REPO / "docs/response.schema.json").read_text())
@@ -358,3 +357,64 @@ def test_the_readme_example_answers_are_the_calibrated_demos(server):
     three = post(server, "digits_cal", data=ID_PICTURE.read_bytes()).json()
     assert three["predictions"][0]["label"] == "three" and three["ood"]["is_ood"] is False
     assert close_to_quoted(three["ood"]["score"], digit.group(1))
+
+
+def test_a_torchscript_archive_with_the_head_filter_scores_the_head(server):
+    r = post(server, "digits_ts_head", data=OOD_PICTURE.read_bytes())
+    assert r.status_code == 200, r.text
+    config = parse_handler_config(handler_section(demo_config()))
+    x = RequestDecoder(config.input, config.limits).decode(OOD_PICTURE.read_bytes()).samples
+    offline = GradNormScorer(load_demo_model(), param_filter="head")(x).grad_norm.item()
+    assert r.json()["ood"]["grad_norm"] == pytest.approx(offline, rel=1e-5)
+
+
+def test_a_request_to_a_model_that_failed_to_load_gets_the_load_error_not_a_hang(server):
+    # the timeout bounds the wait: before, such requests hung while the worker restarted
+    r = requests.post(
+        f"{server.url}/predictions/broken",
+        headers=server.headers(),
+        data=ID_PICTURE.read_bytes(),
+        timeout=30,
+    )
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == (
+        "model 'broken' failed to load: invalid model-config.yaml: "
+        "handler.top_k: expected an integer >= 1, got 0"
+    )
+
+
+MALFORMED_JSON = b'{"data": [[1,2,'
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/plain", "application/octet-stream"]
+)
+def test_malformed_json_is_reported_as_json_however_it_is_labelled(server, content_type):
+    r = requests.post(
+        f"{server.url}/predictions/digits",
+        headers={**server.headers(), "Content-Type": content_type},
+        data=MALFORMED_JSON,
+        timeout=60,
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "the body is not valid JSON: Expecting value at line 1, column 16"
+    )
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"data": b""},
+        {"data": b"", "headers": {"Content-Type": "application/json"}},
+        {"data": b"", "headers": {"Content-Type": "text/plain"}},
+        {"files": {"data": ("empty.png", b"", "image/png")}},
+    ],
+    ids=["raw", "json", "text", "form"],
+)
+def test_an_empty_body_gets_one_message_however_it_is_sent(server, how):
+    how = dict(how)
+    headers = {**server.headers(), **how.pop("headers", {})}
+    r = requests.post(f"{server.url}/predictions/digits", headers=headers, timeout=60, **how)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "the body is empty: send a picture, .npy or JSON"

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,18 @@ def build_archive(
         command += ["--labels", str(labels)]
     subprocess.run(command, check=True, capture_output=True)
     return export_path / f"{name}.mar"
+
+
+def with_config(archive: Path, target: Path, config: Path) -> None:
+    """A copy of ``archive`` with another model-config.yaml: gradnorm-archive refuses to pack
+    a config that cannot load, so broken archives for tests are made this way."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w") as dst:
+        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == manifest["model"]["configFile"]:
+                data = config.read_bytes()
+            dst.writestr(item, data)
 
 
 class TorchServe:
@@ -241,3 +254,21 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+class FakeContext:
+    """The parts of ts.context.Context that the handler uses, for tests without a server."""
+
+    def __init__(self, model_dir, serialized_file: str, model_yaml: dict) -> None:
+        self.model_yaml_config = model_yaml
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.manifest = {"model": {"serializedFile": serialized_file}}
+        self.model_name = "mymodel"
+        self.statuses: dict[int, int] = {}
+        self.content_types: dict[int, str] = {}
+
+    def set_response_status(self, code: int, phrase: str, idx: int = 0) -> None:
+        self.statuses[idx] = code
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_types[idx] = value
