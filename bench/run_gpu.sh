@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="$PWD/handler:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 out_dir="${OUT:-bench/results}"
 mkdir -p "$out_dir"
