@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark's model zoo on a CUDA machine, from a checkout of this repository, in one call
-# (about 5 minutes on an H200; --time-limit-min 5 starts no case after 5 minutes).
+# (2-3 minutes on an H200; --time-limit-min 5 starts no case after 5 minutes).
 #
 # Needs python with torch, torchvision, timm and transformers; neither this project installed
 # (PYTHONPATH=handler:bench) nor the internet. pytorch-ood and BackPACK are used when

@@ -163,15 +163,20 @@ def setup_backpack(model: nn.Module, x: Tensor, method: str, opts: dict) -> Prep
     from backpack import extend
 
     loss_fn = get_method(method).loss
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        extended = extend(model, use_converter=opts["backpack_converter"])
-    extended.eval()
-    params = _all_params(extended)
-
-    # One call on two samples first, to find parameters BackPACK has no per-sample rule for
-    # (its norms would be partial: a wrong answer, not a slow one).
-    _backpack_pass(extended, x[:2], loss_fn)
+    # One call on two samples first, to find whether BackPACK runs this model at all (its
+    # hooks break on in-place ops, its extend() on modules with an `output` child) and which
+    # parameters it has no per-sample rule for (its norms would be partial: a wrong answer,
+    # not a slow one).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            extended = extend(model, use_converter=opts["backpack_converter"])
+        extended.eval()
+        params = _all_params(extended)
+        _backpack_pass(extended, x[:2], loss_fn)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise Skip(f"BackPACK cannot run this model ({type(e).__name__}: {first})") from None
     missing = [n for n, p in extended.named_parameters() if not hasattr(p, "batch_l2")]
     _clear_backpack(params)
     if missing:

@@ -24,7 +24,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 
     def uniform(t: Tensor, low: float, high: float) -> None:
         # drawn on the CPU, so that a model built on a GPU gets the same values
-        t.copy_(torch.empty(t.shape).uniform_(low, high, generator=g))
+        t.copy_(torch.empty(t.shape, device="cpu").uniform_(low, high, generator=g))
 
     with torch.no_grad():
         for m in model.modules():

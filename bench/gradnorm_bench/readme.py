@@ -74,8 +74,9 @@ def render_table(result: dict, source: str) -> str:
             title = titles.get(model, model)
             rows.append([f"{title}, {inp}, batch {batch}", method, *cells])
     header = ["model", "method", *(h for _, h in COLUMNS)]
+    threads = f", {meta['threads']} threads" if meta["device"] == "cpu" else ""
     lines = [
-        f"{meta['device_name']} ({meta['device']}), {meta['threads']} threads, torch "
+        f"{meta['device_name']} ({meta['device']}){threads}, torch "
         f"{meta['torch']}, {meta['date'][:10]}: [{source}]({source}) "
         f"(`{meta['command']}`; every column in [bench/README.md](bench/README.md)).",
         "",
@@ -83,22 +84,19 @@ def render_table(result: dict, source: str) -> str:
         "|" + "|".join("---" for _ in header) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    missed = [t for t in result.get("targets", []) if t["met"] is False]
-    met = [t for t in result.get("targets", []) if t["met"]]
-    if met or missed:
+    targets = result.get("targets", [])
+    if targets:
+        met = sum(1 for t in targets if t["met"])
+        missed = sorted({t["model"] for t in targets if t["met"] is False})
+        md = source[: -len(".json")] + ".md" if source.endswith(".json") else source
         lines += [
             "",
-            f"Targets of issue 11 in this run: {len(met)} met, {len(missed)} missed"
-            + (": " + "; ".join(_target(t) for t in missed) if missed else "")
+            f"Targets of issue 11 in this run ([{md}]({md}), section Targets): {met} of "
+            f"{len(targets)} met"
+            + (f"; models missing one or more: {', '.join(missed)}" if missed else "")
             + ".",
         ]
     return "\n".join(lines)
-
-
-def _target(t: dict) -> str:
-    if t["quantity"] == "backend":
-        return f"{t['model']} {t['method']}: {t['target']} (ran {t['value']})"
-    return f"{t['model']} {t['method']}: {t['target']} ({fmt(t['value'], 2)})"
 
 
 def render(paths: list[Path], root: Path) -> str:

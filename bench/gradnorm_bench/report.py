@@ -148,7 +148,7 @@ def check_text(c: dict) -> str:
 def _ok_note(c: dict) -> str:
     notes = [c["options"]] if c.get("options") else []
     if c["impl"].startswith("auto") and c.get("backend") not in (None, "fast"):
-        notes += [line for line in c.get("scorer_log", [])][:2]
+        notes += [line[:200] for line in c.get("scorer_log", [])][:2]
     if contended(c):
         notes.append(f"CPU contended {c['cpu_stall']:.0%} of the time")
     if c.get("kept_from"):
