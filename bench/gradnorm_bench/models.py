@@ -45,10 +45,18 @@ def torchvision_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     return randomize_batchnorm(getattr(torchvision.models, arch)(num_classes=num_classes, **kwargs))
 
 
-def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+def tiny_resnet(bottleneck: bool, num_classes: int) -> nn.Module:
+    """One block per stage: the ResNet-18 / -50 module types at a test's cost."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    block = Bottleneck if bottleneck else BasicBlock
+    return randomize_batchnorm(ResNet(block, [1, 1, 1, 1], num_classes=num_classes))
+
+
+def cifar_resnet18(num_classes: int = 10, quick: bool = False) -> nn.Module:
     """ResNet-18 as trained on CIFAR: a 3x3 stride-1 stem and no max-pool, so a 32x32 input
     keeps 32x32 maps in the first stage (the ImageNet stem shrinks them to 8x8)."""
-    model = torchvision_model("resnet18", num_classes)
+    model = tiny_resnet(False, num_classes) if quick else torchvision_model("resnet18", num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model

@@ -82,7 +82,7 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec(
             "cifar-resnet18",
             "ResNet-18, CIFAR stem (3x3, no max-pool)",
-            lambda q: m.cifar_resnet18(10),
+            lambda q: m.cifar_resnet18(10, quick=q),
             shape=(3, 32, 32),
             quick_shape=(3, 16, 16),
             batch={"cpu": 64, "cuda": 64},
@@ -93,7 +93,7 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec(
             "resnet18-imagenet-stem",
             "ResNet-18, ImageNet stem at 32x32 (8x8 maps after the stem: the easy case)",
-            lambda q: m.torchvision_model("resnet18", 10),
+            lambda q: m.tiny_resnet(False, 10) if q else m.torchvision_model("resnet18", 10),
             shape=(3, 32, 32),
             quick_shape=(3, 16, 16),
             batch={"cpu": 64, "cuda": 64},
@@ -106,7 +106,9 @@ ZOO: dict[str, ModelSpec] = {
         _image(
             "resnet50",
             "ResNet-50",
-            lambda q: m.torchvision_model("resnet50", IMAGENET_CLASSES),
+            lambda q: (
+                m.tiny_resnet(True, 10) if q else m.torchvision_model("resnet50", IMAGENET_CLASSES)
+            ),
             backpack_converter=True,
             cost=1.9,
         ),
