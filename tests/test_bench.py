@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gradnorm_bench import cli, impls, plan, readme
+from gradnorm_bench import cli, impls, plan, readme, report
 from gradnorm_bench.impls import IMPLS, Skip
 from gradnorm_bench.zoo import ZOO
 
@@ -179,3 +179,26 @@ def test_results_files_named_in_the_docs_are_not_ignored_by_git():
     for path in sorted(named):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert ignored.returncode == 1, f"{path} is named in the docs but ignored by git"
+
+
+def test_targets_are_judged_from_the_run_and_a_failed_auto_misses_them():
+    def case(impl, method, ms, mb=100.0, **extra):
+        return {"model": "vit-b16", "method": method, "impl": impl, "status": "ok",
+                "median_ms": ms, "peak_mb": mb, **extra}  # fmt: skip
+
+    cases = [
+        case("forward", "-", 10.0),
+        case("fwd+bwd", "-", 30.0),
+        case("auto", "confounding", 36.0, 140.0, backend="fast"),
+        case("auto-head", "confounding", 12.0),
+        {"model": "vit-b16", "method": "kl", "impl": "auto", "status": "error", "reason": "x"},
+        case("auto", "confounding", 1.0, model="mlp"),  # toys have no targets
+    ]
+    targets = report.evaluate_targets(cases, report.compute_ratios(cases), quick=False)
+    got = {(t["method"], t["target"]): (t["value"], t["met"]) for t in targets}
+    assert {t["model"] for t in targets} == {"vit-b16"}
+    assert got[("confounding", "auto runs the fast path")] == ("fast", True)
+    assert got[("confounding", "auto <= 1.3x forward+backward")] == (pytest.approx(1.2), True)
+    assert got[("confounding", "auto peak memory <= 1.5x forward+backward's")][1] is True
+    assert got[("confounding", "head-only <= 1.1x plain forward")] == (pytest.approx(1.2), False)
+    assert got[("kl", "auto runs the fast path")] == ("error", False)

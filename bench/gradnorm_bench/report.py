@@ -94,7 +94,7 @@ def evaluate_targets(cases: list[dict], ratios: list[dict], quick: bool) -> list
     autos = {
         (c["model"], c["method"]): c
         for c in cases
-        if c["impl"] == "auto" and c.get("status") == "ok"
+        if c["impl"] == "auto" and c.get("status") in ("ok", "error")
     }
     models = [m for m in dict.fromkeys(c["model"] for c in cases) if m in ZOO and ZOO[m].targets]
     out = []
@@ -107,7 +107,9 @@ def evaluate_targets(cases: list[dict], ratios: list[dict], quick: bool) -> list
                     auto = autos.get((model, method))
                     if auto is None:
                         continue
-                    value, met = auto.get("backend"), auto.get("backend") == bound
+                    # an auto that failed ran no backend: the target is missed, not absent
+                    value = auto.get("backend") if auto["status"] == "ok" else "error"
+                    met = value == bound
                 else:
                     r = by.get((model, method, ratio))
                     if r is None:
