@@ -264,3 +264,14 @@ def test_native_grpc_predictions_and_stream_answer_like_predictions(server, stub
         with pytest.raises(grpc.RpcError) as denied:
             stub.Predictions(bad)
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_served_config_binds_grpc_to_loopback_with_explicit_ports_and_tokens():
+    lines = (REPO / "config.properties").read_text().splitlines()
+    settings = dict(line.split("=", 1) for line in lines if "=" in line and line[0] != "#")
+    assert settings["grpc_inference_address"] == settings["grpc_management_address"]
+    assert settings["grpc_inference_address"] == "127.0.0.1"
+    assert (settings["grpc_inference_port"], settings["grpc_management_port"]) == ("7070", "7071")
+    assert settings["disable_token_authorization"] == "false"
+    # a boolean in config.properties (TS_OPEN_INFERENCE_PROTOCOL=oip in the environment)
+    assert settings["ts_open_inference_protocol"] == "true"
