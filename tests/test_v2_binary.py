@@ -102,6 +102,22 @@ def test_binary_pictures_score_like_picture_bodies_and_without_the_length_header
         assert parse(reply).as_numpy("is_ood").tolist() == [False, True]
 
 
+def test_a_request_declared_json_gets_a_json_answer_even_if_it_asks_for_binary_outputs():
+    # KServe 0.13's model server forwards binary_data_output with Content-Type:
+    # application/json and parses the answer as JSON
+    svc = tiny_service()
+    body = {**_v2(XS), "parameters": {"binary_data_output": True}}
+    as_json = {**HTTP_V2, "Content-Type": "application/json"}
+    unlabelled = {k: v for k, v in HTTP_V2.items() if k != "Content-Type"}
+    json_reply, binary_reply = svc.handle([{"body": body}, {"body": body}], [as_json, unlabelled])
+    assert isinstance(json_reply.body, dict) and "data" in json_reply.body["outputs"][0]
+    assert binary_reply.content_type == "application/octet-stream"
+
+
+def _v2(xs) -> dict:
+    return {"inputs": [_json_tensor(xs)]}
+
+
 @pytest.mark.parametrize(
     "mangle, message",
     [

@@ -173,7 +173,7 @@ class GradNormService:
                 )
             elif i in decoded and reply.status == 200 and decoded[i].v2 is not None:
                 binary = set(decoded[i].v2.binary_outputs)
-                if binary:
+                if binary and deliveries[i].binary_answers:
                     reply.body, length = binary_answer(reply.body, binary)
                     reply.content_type = BINARY_CONTENT_TYPE
                     reply.headers[HEADER_LENGTH] = str(length)

@@ -26,6 +26,9 @@ class Delivery:
     """Sent to ``/v1/models/...`` or ``/v2/models/...``: errors are ``{"error": str}``."""
     header_length: str | None = None
     """The ``Inference-Header-Content-Length`` header: a binary tensor extension body."""
+    json_body: bool = False
+    """Sent as ``Content-Type: application/json`` (always so by KServe 0.13's model server,
+    which forwards ``binary_data_output`` but cannot read a binary answer)."""
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, Any] | None) -> Delivery:
@@ -37,11 +40,17 @@ class Delivery:
             http=http,
             kserve_route=http and "explain" in lower and "url_path" not in lower,
             header_length=lower.get(HEADER_LENGTH.lower()),
+            json_body=str(lower.get("content-type", "")).startswith("application/json"),
         )
 
     def is_oip_grpc(self, payload: Any) -> bool:
         """An Open Inference Protocol ``ModelInfer`` over gRPC."""
         return not self.http and isinstance(payload, Mapping) and "model_name" in payload
+
+    @property
+    def binary_answers(self) -> bool:
+        """Binary outputs may be sent: the request was binary, or not declared JSON."""
+        return self.header_length is not None or not self.json_body
 
     @property
     def speaks_v2(self) -> bool:
