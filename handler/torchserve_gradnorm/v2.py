@@ -6,7 +6,8 @@ Decoding v2 bodies here (instead of in TorchServe's ``kservev2`` envelope, which
 503 as soon as a server-side batch holds more than one request) keeps server-side batching:
 each v2 request is one request of the batch and may itself carry n samples.
 
-Request (``RequestDecoder`` sends every JSON body with an ``inputs`` key here)::
+Request (``V2RequestDecoder`` sends every JSON body with an ``inputs`` key here, and binary
+tensor extension bodies, see ``v2_binary``)::
 
     {"id": "optional string",
      "inputs": [{"name": "any", "shape": [n, *sample shape], "datatype": "FP32",
@@ -24,7 +25,8 @@ Request (``RequestDecoder`` sends every JSON body with an ``inputs`` key here)::
 
 Answer (one per request, n rows each)::
 
-    {"model_name": "digits", "id": "<the request's id, or a new UUID>",
+    {"model_name": "digits", "model_version": "1.0",
+     "id": "<the request's id, or a new UUID>",
      "outputs": [
        {"name": "probabilities",   "datatype": "FP32",  "shape": [n, C], "data": [...]},
        {"name": "predicted_index", "datatype": "INT64", "shape": [n],    "data": [...]},
@@ -33,8 +35,9 @@ Answer (one per request, n rows each)::
        {"name": "grad_norm",       "datatype": "FP64",  "shape": [n],    "data": [...]},
        {"name": "is_ood",          "datatype": "BOOL",  "shape": [n],    "data": [...]}]}
 
-``is_ood`` only when a threshold is set. Errors answer a 4xx status with the v2 error
-shape ``{"error": "message"}``.
+``is_ood`` only when a threshold is set. Outputs asked for with ``binary_data`` (or all, with
+the request parameter ``binary_data_output``) go as raw bytes after the JSON header. Errors
+answer a 4xx status with the v2 error shape ``{"error": "message"}``.
 """
 
 from __future__ import annotations
