@@ -112,6 +112,9 @@ def test_tritonclient_http_gets_predictions_and_the_predictions_ood_scores(
     client = triton_http.InferenceServerClient(server.url.removeprefix("http://"))
     assert client.is_server_live(headers=server.headers())
     assert client.is_server_ready(headers=server.headers())
+    assert client.get_server_metadata(headers=server.headers())["name"] == "Torchserve"
+    # not served by TorchServe 0.12's HTTP frontend (docs/clients.md): gRPC ModelReady is
+    assert not client.is_model_ready("digits", headers=server.headers())
     pictures, tensors = triton_inputs(triton_http, binary)
     outputs = [
         triton_http.InferRequestedOutput(name, binary_data=binary)
