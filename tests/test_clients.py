@@ -228,6 +228,14 @@ def test_oip_grpc_model_infer_answers_predictions_and_ood_outputs(server, stubs,
         (error,) = answer.outputs
         assert error.name == "error" and answer.id == "r2"
         assert "expected shape [1, 8, 8]" in json.loads(error.contents.bytes_contents[0])
+        # raw_input_contents (tritonclient's and KServe's way) is dropped by the frontend
+        raw = pb.ModelInferRequest(
+            model_name="digits",
+            inputs=[tensor(name="pixels", datatype="FP32", shape=list(pixel_tensors().shape))],
+            raw_input_contents=[pixel_tensors().astype(np.float32).tobytes()],
+        )
+        (error,) = stub.ModelInfer(raw, metadata=meta).outputs
+        assert "raw_input_contents" in json.loads(error.contents.bytes_contents[0])
         assert worker_pids(server) == pids
         with pytest.raises(grpc.RpcError) as denied:
             stub.ServerReady(pb.ServerReadyRequest())

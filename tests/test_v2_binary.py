@@ -166,6 +166,15 @@ def test_oip_grpc_requests_get_answers_torchserve_grpc_frontend_can_convert():
     assert "input tensor without" in outputs(refusal.body)["error"]["data"][0]
 
 
+def test_oip_grpc_inputs_whose_raw_contents_the_frontend_dropped_are_named_as_such():
+    svc = digits_service()
+    # what TorchServe 0.12 hands over for a ModelInfer that used raw_input_contents
+    dropped = {"id": "c", "model_name": "digits", "inputs": [{**_picture_tensor(ID_PICTURES[0]),
+                                                             "data": []}]}  # fmt: skip
+    (reply,) = svc.handle([{"body": dropped}], [GRPC])
+    assert "raw_input_contents" in outputs(reply.body)["error"]["data"][0]
+
+
 def _picture_tensor(picture) -> dict:
     return {"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(picture)]}
 

@@ -27,7 +27,14 @@ from .filters import select_parameters
 from .response import prediction_answers
 from .scorer import GradNormScorer, ScoreResult
 from .transport import Delivery
-from .v2 import V2RequestDecoder, encode_answer, error_body, grpc_error_answer, is_v2_error
+from .v2 import (
+    V2RequestDecoder,
+    check_grpc_contents,
+    encode_answer,
+    error_body,
+    grpc_error_answer,
+    is_v2_error,
+)
 from .v2_binary import BINARY_CONTENT_TYPE, HEADER_LENGTH, binary_answer, parse_header_length
 
 log = logging.getLogger("torchserve_gradnorm")
@@ -155,6 +162,7 @@ class GradNormService:
                 payload = request_payload(request)
                 if delivery.is_oip_grpc(payload):
                     oip_grpc[i] = str(payload.get("id") or "")
+                    check_grpc_contents(payload)
                 length = parse_header_length(delivery.header_length)
                 decoded[i] = self.decoder.decode(payload, length)
             except RequestError as e:

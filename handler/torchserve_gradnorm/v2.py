@@ -376,6 +376,21 @@ def encode_answer(
     }
 
 
+def check_grpc_contents(obj: Mapping[str, Any]) -> None:
+    """An OIP gRPC ModelInfer whose values did not arrive: TorchServe 0.12's frontend passes
+    on each input's ``contents`` only, and drops ``raw_input_contents`` (what tritonclient
+    and KServe send), which leaves ``data`` empty."""
+    inputs = obj.get("inputs")
+    if isinstance(inputs, list) and any(
+        isinstance(t, Mapping) and t.get("data") == [] for t in inputs
+    ):
+        raise V2RequestError(
+            400,
+            "an input arrived without values: TorchServe's OIP gRPC frontend drops "
+            "raw_input_contents; send the values in the tensor's contents",
+        )
+
+
 def grpc_error_answer(
     request_id: str, model_name: str, model_version: str, message: str
 ) -> dict[str, Any]:
