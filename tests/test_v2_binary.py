@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_v2 import ID_PICTURES, OOD_PICTURE, THRESHOLD, XS, b64, digits_service, outputs
 from test_v2 import tensor_service as tiny_service
 
@@ -206,3 +208,50 @@ def test_the_delivery_is_read_from_the_headers_torchserve_hands_the_worker(
 ):
     delivery = Delivery.from_headers(headers)
     assert (delivery.http, delivery.kserve_route) == (http, kserve_route)
+
+
+def _maybe(*strategies):
+    return st.one_of(st.none(), *strategies)
+
+
+_INPUT = st.fixed_dictionaries(
+    {
+        "name": st.text(max_size=3),
+        "shape": st.lists(st.integers(-2, 5), max_size=3),
+        "datatype": st.sampled_from(["FP32", "INT64", "BYTES", "BOOL", "x"]),
+    },
+    optional={
+        "parameters": _maybe(
+            st.lists(st.integers()),
+            st.fixed_dictionaries({"binary_data_size": st.integers(-2, 40)}),
+        ),
+        "data": st.lists(st.floats(allow_nan=True), max_size=4),
+    },
+)
+_OUTPUT = st.fixed_dictionaries(
+    {"name": st.sampled_from(["ood_score", "probabilities", "nope"])},
+    optional={
+        "parameters": _maybe(st.integers(), st.fixed_dictionaries({"binary_data": st.booleans()}))
+    },
+)
+_HEADER = st.fixed_dictionaries(
+    {"inputs": st.lists(_INPUT, max_size=2)},
+    optional={
+        "outputs": st.lists(_OUTPUT, max_size=3),
+        "parameters": _maybe(
+            st.text(max_size=2), st.fixed_dictionaries({"binary_data_output": st.booleans()})
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=_HEADER, raw=st.binary(max_size=40), length_shift=st.sampled_from([0, 0, 0, -2, 3]))
+def test_any_binary_body_gets_an_answer_or_a_v2_refusal_never_an_exception(
+    header, raw, length_shift
+):
+    svc = tiny_service()
+    head = json.dumps(header).encode()
+    headers = {**HTTP_V2, HEADER_LENGTH: str(len(head) + length_shift)}
+    (reply,) = svc.handle([{"body": head + raw}], [headers])
+    assert reply.status == 200 or (400 <= reply.status < 500 and set(reply.body) == {"error"})

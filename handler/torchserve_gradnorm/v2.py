@@ -201,8 +201,10 @@ def _binary_outputs(obj: Mapping[str, Any], outputs: tuple[str, ...] | None) -> 
     everything = parameters.get("binary_data_output") is True
     binary = set(OUTPUT_NAMES) if everything and outputs is None else set()
     for output in obj.get("outputs") or []:
-        wanted = (output.get("parameters") or {}).get("binary_data", everything)
-        if wanted is True:
+        options = output.get("parameters") or {}
+        if not isinstance(options, Mapping):
+            raise RequestError(400, "an output's 'parameters' must be an object")
+        if options.get("binary_data", everything) is True:
             binary.add(output["name"])
     return frozenset(binary)
 
