@@ -118,15 +118,18 @@ class V2RequestDecoder(RequestDecoder):
         """Any body ``RequestDecoder`` takes, v2 JSON, and binary tensor extension bodies:
         those with an ``Inference-Header-Content-Length`` (``header_length``) or, without
         it, a JSON header naming a ``binary_data_size``."""
-        if isinstance(payload, (bytes, bytearray, memoryview)):
-            body = bytes(payload)
-            if header_length is not None or (
-                body.startswith(b"{") and b'"binary_data_size"' in body
-            ):
-                return self.decode_binary(body, header_length)
-        elif header_length is not None and isinstance(payload, str):
-            return self.decode_binary(payload.encode("utf-8"), header_length)
-        return super().decode(payload)
+        if header_length is not None and isinstance(payload, (bytes, bytearray, memoryview, str)):
+            body = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+            return self.decode_binary(body, header_length)
+        try:
+            return super().decode(payload)
+        except RequestError:
+            # a binary body whose client (or a proxy) left out the length header
+            if isinstance(payload, (bytes, bytearray, memoryview)):
+                body = bytes(payload)
+                if body.startswith(b"{") and b'"binary_data_size"' in body:
+                    return self.decode_binary(body, None)
+            raise
 
     def _json(self, obj: Any) -> Decoded:
         if isinstance(obj, Mapping) and "inputs" in obj:
