@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format archive eval serve bench bench-readme load clean
+.PHONY: install test lint format archive eval serve bench bench-readme load soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -124,3 +124,10 @@ bench-readme: $(STAMP)
 # checks every answer by content, prints throughput and p50/p99, fails on any error.
 load: $(STAMP)
 	$(BIN)/python bench/load.py --requests 2000 --concurrency 16 --timeout-s 300
+
+# Soak: 50,000 requests at concurrency 16 over every way in (pictures, JSON tensors, v2 JSON,
+# v2 binary, native gRPC, OIP gRPC; 10 % malformed) against the every-parameter model; checks
+# each answer, the worker's memory and the latency drift; writes bench/results/soak.{json,md}.
+soak: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/soak.py --requests 50000 --concurrency 16 --out bench/results/soak.json

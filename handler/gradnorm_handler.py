@@ -45,8 +45,15 @@ class GradNormHandler(BaseHandler):
         super().initialize(context)
         calibration = shipped_calibration(context.system_properties["model_dir"], config)
         weights_sha256 = file_sha256(self.model_pt_path) if calibration else None
+        version = str(((context.manifest or {}).get("model") or {}).get("modelVersion", ""))
         self.service = GradNormService(
-            self.model, config, self.mapping, calibration, weights_sha256, context.model_name
+            self.model,
+            config,
+            self.mapping,
+            calibration,
+            weights_sha256,
+            context.model_name,
+            version,
         )
         self.service.warm_up()
         logger.info(
@@ -72,7 +79,8 @@ class GradNormHandler(BaseHandler):
 
     def inference(self, data, *args, **kwargs):
         # BaseHandler.inference runs under torch.inference_mode(), which forbids gradients
-        return self.service.handle(data)
+        headers = [self.context.get_all_request_header(i) for i in range(len(data))]
+        return self.service.handle(data, headers)
 
     def postprocess(self, replies):
         batch_size = str(self.service.last.samples)
@@ -80,7 +88,9 @@ class GradNormHandler(BaseHandler):
             if reply.status != 200:
                 self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
             self.context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
-            self.context.set_response_content_type(idx, "application/json")
+            for name, value in reply.headers.items():
+                self.context.set_response_header(idx, name, value)
+            self.context.set_response_content_type(idx, reply.content_type)
         record_batch(
             self.context.metrics,
             self.context.model_name,

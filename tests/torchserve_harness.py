@@ -129,6 +129,10 @@ class TorchServe:
         return f"http://127.0.0.1:{self.inference_port}"
 
     @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_ports[0]}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
@@ -141,6 +145,8 @@ class TorchServe:
                     f"inference_address=http://127.0.0.1:{self.inference_port}",
                     f"management_address=http://127.0.0.1:{self.management_port}",
                     f"metrics_address=http://127.0.0.1:{self.metrics_port}",
+                    "grpc_inference_address=127.0.0.1",
+                    "grpc_management_address=127.0.0.1",
                     f"grpc_inference_port={self.grpc_ports[0]}",
                     f"grpc_management_port={self.grpc_ports[1]}",
                     "enable_model_api=false",

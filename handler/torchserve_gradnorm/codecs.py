@@ -81,7 +81,8 @@ class Decoded:
     many: bool
     """The request sent ``instances``: answer with a list, one entry per sample."""
     v2: Any = None
-    """A ``v2.V2Request`` for an Open Inference Protocol (KServe v2) request: answer in v2."""
+    """A ``v2.V2Request`` for an Open Inference Protocol (KServe v2) request: answer in v2
+    (``v2.V2RequestDecoder`` decodes those; this module knows nothing of v2)."""
 
 
 def request_payload(request: Mapping[str, Any]) -> Any:
@@ -184,10 +185,6 @@ class RequestDecoder:
     # --- JSON ---
 
     def _json(self, obj: Any) -> Decoded:
-        if isinstance(obj, Mapping) and "inputs" in obj:
-            from .v2 import decode_v2  # v2 builds on this module
-
-            return decode_v2(self, obj)
         if isinstance(obj, Mapping) and "instances" in obj:
             instances = obj["instances"]
             if not isinstance(instances, list) or not instances:

@@ -20,13 +20,22 @@ from torch import nn
 
 from .backends import BackendUnsupported
 from .calibration import Calibration, CalibrationError, fingerprint
-from .codecs import Decoded, RequestDecoder, RequestError, request_payload
+from .codecs import Decoded, RequestError, request_payload
 from .config import ConfigError, HandlerConfig
 from .detectors import Detector, Features, SumDetector
 from .filters import select_parameters
 from .response import prediction_answers
 from .scorer import GradNormScorer, ScoreResult
-from .v2 import encode_answer, error_body, is_v2_error
+from .transport import Delivery
+from .v2 import (
+    V2RequestDecoder,
+    check_grpc_contents,
+    encode_answer,
+    error_body,
+    grpc_error_answer,
+    is_v2_error,
+)
+from .v2_binary import BINARY_CONTENT_TYPE, HEADER_LENGTH, binary_answer, parse_header_length
 
 log = logging.getLogger("torchserve_gradnorm")
 
@@ -38,6 +47,9 @@ class Reply:
     ood_scores: list[float] = field(default_factory=list)
     """One per scored sample (several for an ``instances`` request)."""
     flags: list[bool | None] = field(default_factory=list)
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    """Response headers beside the content type."""
 
 
 @dataclass
@@ -53,6 +65,11 @@ def _finite(answer: dict[str, Any]) -> bool:
     return all(math.isfinite(v) for v in numbers)
 
 
+def _message(body: Any) -> str:
+    error = body.get("error") if isinstance(body, Mapping) else None
+    return error.get("message", "") if isinstance(error, Mapping) else str(error)
+
+
 class GradNormService:
     def __init__(
         self,
@@ -62,9 +79,12 @@ class GradNormService:
         calibration: Calibration | None = None,
         weights_sha256: str | None = None,
         model_name: str = "model",
+        model_version: str = "1",
     ) -> None:
         self.config = config
-        self.model_name = model_name  # named in v2 (Open Inference Protocol) answers
+        # named in v2 (Open Inference Protocol) answers
+        self.model_name = model_name
+        self.model_version = model_version
         self.labels = labels
         self.calibration = calibration
         self.detector = self._detector(config, calibration)
@@ -92,7 +112,7 @@ class GradNormService:
             if calibration is None or self.threshold is None
             else (calibration.center, self.threshold)
         )
-        self.decoder = RequestDecoder(config.input, config.limits)
+        self.decoder = V2RequestDecoder(config.input, config.limits)
         self.last = BatchStats()
 
     @staticmethod
@@ -123,20 +143,52 @@ class GradNormService:
         except BackendUnsupported as e:
             raise ConfigError("handler.backend", f"{self.scorer.backend!r}: {e}") from None
 
-    def handle(self, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
+    def handle(
+        self,
+        requests: Sequence[Mapping[str, Any]],
+        headers: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[Reply]:
+        """One reply per request; ``headers``: each request's headers as TorchServe hands
+        them to the worker (they tell HTTP from gRPC and carry the binary extension's)."""
         replies: list[Reply | None] = [None] * len(requests)
         decoded: dict[int, Decoded] = {}
-        for i, request in enumerate(requests):
+        deliveries = [
+            Delivery.from_headers(headers[i] if headers is not None else None)
+            for i in range(len(requests))
+        ]
+        oip_grpc: dict[int, str] = {}  # request -> its id
+        for i, (request, delivery) in enumerate(zip(requests, deliveries)):
             try:
-                decoded[i] = self.decoder.decode(request_payload(request))
+                payload = request_payload(request)
+                if delivery.is_oip_grpc(payload):
+                    oip_grpc[i] = str(payload.get("id") or "")
+                    check_grpc_contents(payload)
+                length = parse_header_length(delivery.header_length)
+                decoded[i] = self.decoder.decode(payload, length)
             except RequestError as e:
-                replies[i] = Reply(e.status, error_body(e.status, e.message, is_v2_error(e)))
+                v2 = is_v2_error(e) or delivery.speaks_v2
+                replies[i] = Reply(e.status, error_body(e.status, e.message, v2))
         start = time.perf_counter()
         if decoded:
             for i, reply in self._score(decoded).items():
                 replies[i] = reply
         scoring_ms = (time.perf_counter() - start) * 1000.0
         done = [r for r in replies if r is not None]
+        for i, reply in enumerate(done):
+            if i in oip_grpc and reply.status != 200:
+                reply.body = grpc_error_answer(
+                    oip_grpc[i], self.model_name, self.model_version, _message(reply.body)
+                )
+            elif i in decoded and reply.status == 200 and decoded[i].v2 is not None:
+                binary = set(decoded[i].v2.binary_outputs)
+                if binary and deliveries[i].binary_answers:
+                    reply.body, length = binary_answer(reply.body, binary)
+                    reply.content_type = BINARY_CONTENT_TYPE
+                    reply.headers[HEADER_LENGTH] = str(length)
+            if not deliveries[i].http:
+                # TorchServe's gRPC StreamPredictions ends its stream on this header (without
+                # it the frontend throws and restarts the worker); other calls ignore it
+                reply.headers["ts_stream_next"] = "false"
         self.last = BatchStats(
             len(requests), sum(len(d.samples) for d in decoded.values()), scoring_ms
         )
@@ -174,7 +226,9 @@ class GradNormService:
                 replies[i] = Reply(400, error_body(400, message, d.v2 is not None))
                 continue
             if d.v2 is not None:
-                body = encode_answer(d.v2, self.model_name, result.logits[first:row], mine)
+                body = encode_answer(
+                    d.v2, self.model_name, self.model_version, result.logits[first:row], mine
+                )
             else:
                 body = mine if d.many else mine[0]
             replies[i] = Reply(

@@ -6,7 +6,8 @@ Decoding v2 bodies here (instead of in TorchServe's ``kservev2`` envelope, which
 503 as soon as a server-side batch holds more than one request) keeps server-side batching:
 each v2 request is one request of the batch and may itself carry n samples.
 
-Request (``RequestDecoder`` sends every JSON body with an ``inputs`` key here)::
+Request (``V2RequestDecoder`` sends every JSON body with an ``inputs`` key here, and binary
+tensor extension bodies, see ``v2_binary``)::
 
     {"id": "optional string",
      "inputs": [{"name": "any", "shape": [n, *sample shape], "datatype": "FP32",
@@ -24,7 +25,8 @@ Request (``RequestDecoder`` sends every JSON body with an ``inputs`` key here)::
 
 Answer (one per request, n rows each)::
 
-    {"model_name": "digits", "id": "<the request's id, or a new UUID>",
+    {"model_name": "digits", "model_version": "1.0",
+     "id": "<the request's id, or a new UUID>",
      "outputs": [
        {"name": "probabilities",   "datatype": "FP32",  "shape": [n, C], "data": [...]},
        {"name": "predicted_index", "datatype": "INT64", "shape": [n],    "data": [...]},
@@ -33,8 +35,9 @@ Answer (one per request, n rows each)::
        {"name": "grad_norm",       "datatype": "FP64",  "shape": [n],    "data": [...]},
        {"name": "is_ood",          "datatype": "BOOL",  "shape": [n],    "data": [...]}]}
 
-``is_ood`` only when a threshold is set. Errors answer a 4xx status with the v2 error
-shape ``{"error": "message"}``.
+``is_ood`` only when a threshold is set. Outputs asked for with ``binary_data`` (or all, with
+the request parameter ``binary_data_output``) go as raw bytes after the JSON header. Errors
+answer a 4xx status with the v2 error shape ``{"error": "message"}``.
 """
 
 from __future__ import annotations
@@ -46,16 +49,14 @@ import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from .codecs import Decoded, RequestError
+from .codecs import Decoded, RequestDecoder, RequestError
 from .response import error_answer
-
-if TYPE_CHECKING:
-    from .codecs import RequestDecoder
+from .v2_binary import binary_size, raw_values, split_body
 
 NUMERIC_DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype(np.float16),
@@ -87,6 +88,8 @@ class V2Request:
     id: str
     outputs: tuple[str, ...] | None = None
     """The outputs asked for, in OUTPUT_NAMES order; None for all."""
+    binary_outputs: frozenset[str] = frozenset()
+    """The outputs to send as raw bytes after the JSON header (binary tensor extension)."""
 
 
 class V2RequestError(RequestError):
@@ -107,16 +110,57 @@ def is_v2_error(error: Exception) -> bool:
 # --- requests ---
 
 
-def decode_v2(decoder: RequestDecoder, obj: Mapping[str, Any]) -> Decoded:
-    """A v2 inference request -> ``Decoded`` (n samples) carrying a ``V2Request``."""
+class V2RequestDecoder(RequestDecoder):
+    """A ``RequestDecoder`` that also takes v2 requests: JSON bodies with an ``inputs`` key
+    (wherever they are sent) and binary tensor extension bodies."""
+
+    def decode(self, payload: Any, header_length: int | None = None) -> Decoded:
+        """Any body ``RequestDecoder`` takes, v2 JSON, and binary tensor extension bodies:
+        those with an ``Inference-Header-Content-Length`` (``header_length``) or, without
+        it, a JSON header naming a ``binary_data_size``."""
+        if header_length is not None and isinstance(payload, (bytes, bytearray, memoryview, str)):
+            body = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+            return self.decode_binary(body, header_length)
+        try:
+            return super().decode(payload)
+        except RequestError:
+            # a binary body whose client (or a proxy) left out the length header
+            if isinstance(payload, (bytes, bytearray, memoryview)):
+                body = bytes(payload)
+                if body.startswith(b"{") and b'"binary_data_size"' in body:
+                    return self.decode_binary(body, None)
+            raise
+
+    def _json(self, obj: Any) -> Decoded:
+        if isinstance(obj, Mapping) and "inputs" in obj:
+            return decode_v2(self, obj)
+        return super()._json(obj)
+
+    def decode_binary(self, body: bytes, header_length: int | None) -> Decoded:
+        """A binary tensor extension body; ``header_length`` from its
+        ``Inference-Header-Content-Length`` header (None: the first JSON value)."""
+        try:
+            obj, raw = split_body(body, header_length)
+        except RequestError as e:
+            raise V2RequestError(e.status, e.message) from None
+        if not isinstance(obj, Mapping) or "inputs" not in obj:
+            raise V2RequestError(400, 'the JSON header must be a v2 request {"inputs": [...]}')
+        return decode_v2(self, obj, raw)
+
+
+def decode_v2(decoder: RequestDecoder, obj: Mapping[str, Any], raw: bytes = b"") -> Decoded:
+    """A v2 inference request -> ``Decoded`` (n samples) carrying a ``V2Request``; ``raw``:
+    the bytes after the JSON header of a binary tensor extension body."""
     try:
-        request = V2Request(_request_id(obj.get("id")), _requested_outputs(obj.get("outputs")))
+        outputs = _requested_outputs(obj.get("outputs"))
+        request = V2Request(_request_id(obj.get("id")), outputs, _binary_outputs(obj, outputs))
         tensor = _the_input(obj["inputs"])
+        data = _tensor_data(tensor, raw)
         datatype = tensor["datatype"]
         if datatype == "BYTES":
-            samples = _pictures(decoder, tensor)
+            samples = _pictures(decoder, tensor, data)
         elif datatype in NUMERIC_DATATYPES:
-            samples = _numbers(decoder, tensor, NUMERIC_DATATYPES[datatype])
+            samples = _numbers(decoder, tensor, data, NUMERIC_DATATYPES[datatype])
         else:
             known = ", ".join([*NUMERIC_DATATYPES, "BYTES"])
             raise RequestError(400, f"unsupported datatype {datatype!r}; use one of {known}")
@@ -127,6 +171,45 @@ def decode_v2(decoder: RequestDecoder, obj: Mapping[str, Any]) -> Decoded:
     except RecursionError:
         raise V2RequestError(400, "'data' is nested too deeply") from None
     return Decoded(samples, many=True, v2=request)
+
+
+def _tensor_data(tensor: Mapping[str, Any], raw: bytes) -> Any:
+    """The input's values: its JSON ``data``, or its raw bytes (binary tensor extension)."""
+    size = binary_size(tensor)
+    if size is None:
+        if "data" not in tensor:
+            raise RequestError(400, "input tensor without 'data' or 'binary_data_size'")
+        if raw:
+            raise RequestError(400, "binary data after the JSON header, but no input takes it")
+        if not isinstance(tensor["data"], list):
+            raise RequestError(400, "'data' must be a list")
+        return tensor["data"]
+    if "data" in tensor:
+        raise RequestError(400, "an input tensor has either 'data' or 'binary_data_size'")
+    if size != len(raw):
+        raise RequestError(
+            400, f"'binary_data_size' is {size}, but {len(raw)} bytes follow the JSON header"
+        )
+    shape = tensor["shape"]
+    count = None if -1 in shape else math.prod(shape)
+    return raw_values(raw, tensor["datatype"], count)
+
+
+def _binary_outputs(obj: Mapping[str, Any], outputs: tuple[str, ...] | None) -> frozenset[str]:
+    """Outputs asked for as raw bytes: per output (``binary_data``) or all of them
+    (the request parameter ``binary_data_output``)."""
+    parameters = obj.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise RequestError(400, "'parameters' must be an object")
+    everything = parameters.get("binary_data_output") is True
+    binary = set(OUTPUT_NAMES) if everything and outputs is None else set()
+    for output in obj.get("outputs") or []:
+        options = output.get("parameters") or {}
+        if not isinstance(options, Mapping):
+            raise RequestError(400, "an output's 'parameters' must be an object")
+        if options.get("binary_data", everything) is True:
+            binary.add(output["name"])
+    return frozenset(binary)
 
 
 def _request_id(value: Any) -> str:
@@ -161,7 +244,7 @@ def _the_input(inputs: Any) -> Mapping[str, Any]:
     tensor = inputs[0]
     if not isinstance(tensor, Mapping):
         raise RequestError(400, "an input tensor must be an object")
-    missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
+    missing = [k for k in ("name", "shape", "datatype") if k not in tensor]
     if missing:
         raise RequestError(400, f"input tensor without {', '.join(repr(k) for k in missing)}")
     if not isinstance(tensor["name"], str) or not isinstance(tensor["datatype"], str):
@@ -173,12 +256,12 @@ def _the_input(inputs: Any) -> Mapping[str, Any]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape)
     ):
         raise RequestError(400, f"'shape' must be a non-empty list of sizes, got {shape!r}")
-    if not isinstance(tensor["data"], list):
-        raise RequestError(400, "'data' must be a list")
     return tensor
 
 
-def _numbers(decoder: RequestDecoder, tensor: Mapping[str, Any], dtype: np.dtype) -> torch.Tensor:
+def _numbers(
+    decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any, dtype: np.dtype
+) -> torch.Tensor:
     shape = list(tensor["shape"])
     if -1 in shape:
         raise RequestError(400, f"a numeric tensor needs a full shape, got {shape}")
@@ -189,7 +272,7 @@ def _numbers(decoder: RequestDecoder, tensor: Mapping[str, Any], dtype: np.dtype
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # ragged lists
-            array = np.asarray(tensor["data"])
+            array = np.asarray(data)
     except (ValueError, TypeError, OverflowError, Warning):
         raise RequestError(400, "'data' must be a flat or rectangular list of numbers") from None
     if array.dtype.kind not in "iuf":  # strings, booleans, null, objects, huge integers
@@ -217,8 +300,8 @@ def _as_datatype(array: np.ndarray, dtype: np.dtype, datatype: str) -> np.ndarra
     return array.astype(dtype)
 
 
-def _pictures(decoder: RequestDecoder, tensor: Mapping[str, Any]) -> torch.Tensor:
-    items = list(_flatten(tensor["data"]))
+def _pictures(decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any) -> torch.Tensor:
+    items = list(_flatten(data))
     shape = tensor["shape"]
     if -1 not in shape and math.prod(shape) != len(items):
         raise RequestError(400, f"shape {shape} holds {math.prod(shape)} values, got {len(items)}")
@@ -229,6 +312,9 @@ def _pictures(decoder: RequestDecoder, tensor: Mapping[str, Any]) -> torch.Tenso
     _check_count(decoder, len(items))
     pictures = []
     for item in items:
+        if isinstance(item, bytes):  # binary tensor extension: the picture itself
+            pictures.append(decoder._image(item))
+            continue
         if not isinstance(item, str):
             raise RequestError(400, "BYTES elements must be base64 strings of pictures")
         try:
@@ -264,6 +350,7 @@ def _check_count(decoder: RequestDecoder, n: int) -> None:
 def encode_answer(
     request: V2Request,
     model_name: str,
+    model_version: str,
     logits: torch.Tensor,
     answers: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
@@ -286,4 +373,42 @@ def encode_answer(
         if name in values:
             datatype, shape, data = values[name]
             outputs.append({"name": name, "datatype": datatype, "shape": shape, "data": data})
-    return {"model_name": model_name, "id": request.id, "outputs": outputs}
+    return {
+        "model_name": model_name,
+        "model_version": model_version,
+        "id": request.id,
+        "outputs": outputs,
+    }
+
+
+def check_grpc_contents(obj: Mapping[str, Any]) -> None:
+    """An OIP gRPC ModelInfer whose values did not arrive: TorchServe 0.12's frontend passes
+    on each input's ``contents`` only, and drops ``raw_input_contents`` (what tritonclient
+    and KServe send), which leaves ``data`` empty."""
+    inputs = obj.get("inputs")
+    if isinstance(inputs, list) and any(
+        isinstance(t, Mapping) and t.get("data") == [] for t in inputs
+    ):
+        raise V2RequestError(
+            400,
+            "an input arrived without values: TorchServe's OIP gRPC frontend drops "
+            "raw_input_contents; send the values in the tensor's contents",
+        )
+
+
+def grpc_error_answer(
+    request_id: str, model_name: str, model_version: str, message: str
+) -> dict[str, Any]:
+    """A refusal in the only shape TorchServe 0.12's OIP gRPC frontend can pass on.
+
+    Its ``GRPCJob`` ignores the status the handler sets and builds a ModelInferResponse
+    from ``id``, ``model_name``, ``model_version`` and ``outputs`` (a missing one throws in
+    the frontend and restarts the worker), so the message travels as a BYTES output
+    named ``error``."""
+    return {
+        "model_name": model_name,
+        "model_version": model_version,
+        "id": request_id,
+        "outputs": [{"name": "error", "datatype": "BYTES", "shape": [1], "data": [message]}],
+        "error": message,
+    }
