@@ -69,8 +69,8 @@ class RequestError(Exception):
 
 @dataclass
 class Decoded:
-    samples: torch.Tensor
-    """(n, *input shape), on the CPU."""
+    samples: Any
+    """(n, *input shape) tensor on the CPU; for text, n token-id dicts (``text.py``)."""
     many: bool
     """The request sent ``instances``: answer with a list, one entry per sample."""
     v2: Any = None
@@ -95,9 +95,12 @@ def _is_image(body: bytes) -> bool:
 
 
 class RequestDecoder:
-    def __init__(self, input_config: InputConfig, limits: LimitsConfig) -> None:
+    def __init__(self, input_config: InputConfig, limits: LimitsConfig, text: Any = None) -> None:
         self.input = input_config
         self.limits = limits
+        self.text = text  # a text.TextEncoder (the tokenizer), for input.kind: text
+        if input_config.kind == "text" and text is None:
+            raise ValueError("input.kind: text needs the archive's tokenizer")
         self.dtype = _TORCH_DTYPES[input_config.dtype] if input_config.kind == "tensor" else None
         if input_config.kind == "image":
             self.dtype = torch.float32
@@ -110,15 +113,25 @@ class RequestDecoder:
             return None
         return (len(self.input.mode), *self.input.size)
 
-    def example(self) -> torch.Tensor | None:
+    def example(self) -> Any:
         """A zero batch of one sample, for warming up at load; None if the shape is unknown."""
+        if self.text is not None:
+            return self.text.pad([self.text.example()])
         if self.shape is None:
             return None
         return torch.zeros((1, *self.shape), dtype=self.dtype)
 
+    def batch(self, parts: list[Any]) -> Any:
+        """The samples of several ``Decoded`` as one model batch (texts padded together)."""
+        if self.text is not None:
+            return self.text.pad([tokens for part in parts for tokens in part])
+        return torch.cat(parts)
+
     # --- entry point ---
 
     def decode(self, payload: Any) -> Decoded:
+        if self.text is not None:
+            return self.text.decode(payload, self)
         if isinstance(payload, (bytes, bytearray, memoryview)):
             body = bytes(payload)
             if not body.strip():

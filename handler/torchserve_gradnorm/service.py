@@ -24,8 +24,10 @@ from .codecs import Decoded, RequestDecoder, RequestError, request_payload
 from .config import ConfigError, HandlerConfig
 from .detectors import Detector, Features, SumDetector
 from .filters import select_parameters
+from .outputs import OutputError
 from .response import prediction_answers
 from .scorer import GradNormScorer, ScoreResult
+from .text import text_form_payload
 from .v2 import encode_answer, error_body, is_v2_error
 
 log = logging.getLogger("torchserve_gradnorm")
@@ -62,6 +64,7 @@ class GradNormService:
         calibration: Calibration | None = None,
         weights_sha256: str | None = None,
         model_name: str = "model",
+        text: Any = None,
     ) -> None:
         self.config = config
         self.model_name = model_name  # named in v2 (Open Inference Protocol) answers
@@ -92,7 +95,11 @@ class GradNormService:
             if calibration is None or self.threshold is None
             else (calibration.center, self.threshold)
         )
-        self.decoder = RequestDecoder(config.input, config.limits)
+        self.decoder = RequestDecoder(config.input, config.limits, text)  # text: TextEncoder
+        # pictures decode to float32; a float64 (or half) model gets its own dtype
+        self.float_dtype = next(
+            (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
+        )
         self.last = BatchStats()
 
     @staticmethod
@@ -119,16 +126,18 @@ class GradNormService:
         if example is None:
             return
         try:
-            self.scorer(example)
+            self.scorer(self._model_batch(example))
         except BackendUnsupported as e:
             raise ConfigError("handler.backend", f"{self.scorer.backend!r}: {e}") from None
+        except OutputError as e:
+            raise ConfigError("handler.output", str(e)) from None
 
     def handle(self, requests: Sequence[Mapping[str, Any]]) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
         decoded: dict[int, Decoded] = {}
         for i, request in enumerate(requests):
             try:
-                decoded[i] = self.decoder.decode(request_payload(request))
+                decoded[i] = self.decoder.decode(self._payload(request))
             except RequestError as e:
                 replies[i] = Reply(e.status, error_body(e.status, e.message, is_v2_error(e)))
         start = time.perf_counter()
@@ -160,9 +169,21 @@ class GradNormService:
                 replies.update(self._score({i: d}))
             return replies
 
+    def _payload(self, request: Mapping[str, Any]) -> Any:
+        if self.decoder.text is not None:
+            form = text_form_payload(request)
+            if form is not None:
+                return form
+        return request_payload(request)
+
+    def _model_batch(self, batch: Any) -> Any:
+        if self.config.input.kind == "image":
+            return batch.to(self.float_dtype)
+        return batch
+
     def _score_together(self, decoded: dict[int, Decoded]) -> dict[int, Reply]:
-        batch = torch.cat([d.samples for d in decoded.values()])
-        result = self.scorer(batch)
+        batch = self.decoder.batch([d.samples for d in decoded.values()])
+        result = self.scorer(self._model_batch(batch))
         answers = self._answers(result)
         replies: dict[int, Reply] = {}
         row = 0
