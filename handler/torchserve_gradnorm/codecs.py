@@ -95,10 +95,18 @@ def _is_image(body: bytes) -> bool:
 
 
 class RequestDecoder:
-    def __init__(self, input_config: InputConfig, limits: LimitsConfig, text: Any = None) -> None:
+    def __init__(
+        self,
+        input_config: InputConfig,
+        limits: LimitsConfig,
+        text: Any = None,
+        float_dtype: torch.dtype | None = None,
+    ) -> None:
         self.input = input_config
         self.limits = limits
         self.text = text  # a text.TextEncoder (the tokenizer), for input.kind: text
+        # pictures decode to float32; batches are cast to the model's dtype (float64, half)
+        self.float_dtype = float_dtype
         if input_config.kind == "text" and text is None:
             raise ValueError("input.kind: text needs the archive's tokenizer")
         self.dtype = _TORCH_DTYPES[input_config.dtype] if input_config.kind == "tensor" else None
@@ -119,13 +127,16 @@ class RequestDecoder:
             return self.text.pad([self.text.example()])
         if self.shape is None:
             return None
-        return torch.zeros((1, *self.shape), dtype=self.dtype)
+        return self.batch([torch.zeros((1, *self.shape), dtype=self.dtype)])
 
     def batch(self, parts: list[Any]) -> Any:
         """The samples of several ``Decoded`` as one model batch (texts padded together)."""
         if self.text is not None:
             return self.text.pad([tokens for part in parts for tokens in part])
-        return torch.cat(parts)
+        batch = torch.cat(parts)
+        if self.input.kind == "image" and self.float_dtype is not None:
+            batch = batch.to(self.float_dtype)
+        return batch
 
     # --- entry point ---
 

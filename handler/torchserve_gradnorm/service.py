@@ -49,6 +49,11 @@ class BatchStats:
     scoring_ms: float = 0.0
 
 
+def float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters, which pictures are cast to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def _finite(answer: dict[str, Any]) -> bool:
     numbers = [answer["ood"]["score"], answer["ood"]["grad_norm"]]
     numbers += [p["probability"] for p in answer["predictions"]]
@@ -95,11 +100,7 @@ class GradNormService:
             if calibration is None or self.threshold is None
             else (calibration.center, self.threshold)
         )
-        self.decoder = RequestDecoder(config.input, config.limits, text)  # text: TextEncoder
-        # pictures decode to float32; a float64 (or half) model gets its own dtype
-        self.float_dtype = next(
-            (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32
-        )
+        self.decoder = RequestDecoder(config.input, config.limits, text, float_dtype(model))
         self.last = BatchStats()
 
     @staticmethod
@@ -126,7 +127,7 @@ class GradNormService:
         if example is None:
             return
         try:
-            self.scorer(self._model_batch(example))
+            self.scorer(example)
         except BackendUnsupported as e:
             raise ConfigError("handler.backend", f"{self.scorer.backend!r}: {e}") from None
         except OutputError as e:
@@ -176,14 +177,9 @@ class GradNormService:
                 return form
         return request_payload(request)
 
-    def _model_batch(self, batch: Any) -> Any:
-        if self.config.input.kind == "image":
-            return batch.to(self.float_dtype)
-        return batch
-
     def _score_together(self, decoded: dict[int, Decoded]) -> dict[int, Reply]:
         batch = self.decoder.batch([d.samples for d in decoded.values()])
-        result = self.scorer(self._model_batch(batch))
+        result = self.scorer(batch)
         answers = self._answers(result)
         replies: dict[int, Reply] = {}
         row = 0

@@ -8,6 +8,7 @@ from ..codecs import RequestDecoder
 from ..datasets import Scored, score_folder
 from ..mar import Archive
 from ..scorer import GradNormScorer
+from ..service import float_dtype
 
 
 def feature_scorer(archive: Archive) -> tuple[GradNormScorer, RequestDecoder]:
@@ -15,7 +16,15 @@ def feature_scorer(archive: Archive) -> tuple[GradNormScorer, RequestDecoder]:
     kwargs = archive.config.scorer_kwargs()
     kwargs["per_layer"] = True
     scorer = GradNormScorer(archive.model, **kwargs)
-    return scorer, RequestDecoder(archive.config.input, archive.config.limits)
+    text = None
+    if archive.config.input.kind == "text":
+        from ..hf import load_text_encoder
+
+        text = load_text_encoder(archive.root, archive.model, archive.config)
+    decoder = RequestDecoder(
+        archive.config.input, archive.config.limits, text, float_dtype(archive.model)
+    )
+    return scorer, decoder
 
 
 def score_folders(
