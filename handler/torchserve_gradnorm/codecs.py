@@ -124,7 +124,7 @@ class RequestDecoder:
     def example(self) -> Any:
         """A zero batch of one sample, for warming up at load; None if the shape is unknown."""
         if self.text is not None:
-            return self.text.pad([self.text.example()])
+            return self.text.pad(self.text.examples())
         if self.shape is None:
             return None
         return self.batch([torch.zeros((1, *self.shape), dtype=self.dtype)])

@@ -197,8 +197,10 @@ class TextEncoder:
             if self.model_inputs is None or name in self.model_inputs
         }
 
-    def example(self) -> Tokens:
-        return self.tokenize(Text("hello"))
+    def examples(self) -> list[Tokens]:
+        """Two texts of different lengths: a warm-up batch with padding, so that what the
+        fast backend cannot do with it (inputs broadcast over the batch) shows at load."""
+        return [self.tokenize(Text("hello")), self.tokenize(Text("hello, hello world"))]
 
     def texts_from_elements(self, items: list[Any], pairs: bool) -> list[Tokens]:
         """v2 BYTES elements (strings) -> token ids; ``pairs``: consecutive (text, pair)."""

@@ -1,7 +1,9 @@
 """gradnorm-archive: pack a classifier into a self-contained TorchServe .mar.
 
-Same flags as torch-model-archiver where they overlap, plus ``--labels``. The handler
-config is validated with the code the server runs at load, before anything is packed; the
+Same flags as torch-model-archiver where they overlap, plus ``--labels``. ``--hf-model DIR``
+packs a Hugging Face ``save_pretrained`` folder instead of a model file and weights (see
+``hf_folder``). The handler config is validated with the code the server runs at load,
+before anything is packed; the
 archive carries the ``torchserve_gradnorm`` package, so the TorchServe host does not need
 this project installed. ``--calibration`` ships a calibration file after checking that it
 was made for these weights and settings. Packing itself is torch-model-archiver's job.
@@ -63,8 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-file", help="Python file with the model class (eager models)")
     p.add_argument(
         "--serialized-file",
-        required=True,
         help="state_dict (with --model-file) or TorchScript .pt file",
+    )
+    p.add_argument(
+        "--hf-model",
+        metavar="DIR",
+        help="a Hugging Face save_pretrained folder (config.json, safetensors weights, "
+        "tokenizer or image processor files), loaded with transformers' Auto classes",
     )
     p.add_argument("--config-file", help="model-config.yaml with a handler: section")
     p.add_argument("--extra-files", default="", help="comma-separated files to ship too")
@@ -150,12 +157,21 @@ def archiver_command(args: argparse.Namespace, stage: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = validate_config(args.config_file)
-    if args.calibration:
-        validate_calibration(args.calibration, args.serialized_file, config)
-    Path(args.export_path).mkdir(parents=True, exist_ok=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.hf_model and (args.model_file or args.serialized_file):
+        parser.error("--hf-model replaces --model-file and --serialized-file")
+    if not args.hf_model and not args.serialized_file:
+        parser.error("--serialized-file (or --hf-model) is required")
     with tempfile.TemporaryDirectory(prefix="gradnorm-archive-") as tmp:
+        if args.hf_model:
+            from .hf_folder import stage_hf_model
+
+            stage_hf_model(args, Path(tmp))  # sets serialized file, config, labels, extras
+        config = validate_config(args.config_file)
+        if args.calibration:
+            validate_calibration(args.calibration, args.serialized_file, config)
+        Path(args.export_path).mkdir(parents=True, exist_ok=True)
         command = archiver_command(args, Path(tmp))
         result = subprocess.run(command, check=False)
     if result.returncode != 0:
