@@ -87,7 +87,11 @@ def load_text_encoder(folder: str | Path, model: nn.Module, config: HandlerConfi
 
 def image_input(folder: str | Path) -> dict[str, Any]:
     """``handler.input`` settings read from an image processor's preprocessor_config.json:
-    size, mean, std and resample (empty when the folder has none)."""
+    size, mean, std and resample (empty when the folder has none).
+
+    The handler scales pixels to [0, 1] and then normalizes; a processor that rescales by
+    another factor (or not at all) is matched exactly by scaling its mean and std.
+    """
     import json
 
     path = Path(folder) / PROCESSOR_FILE
@@ -100,10 +104,15 @@ def image_input(folder: str | Path) -> dict[str, Any]:
         found["size"] = [int(size["height"]), int(size["width"])]
     elif isinstance(size, int):
         found["size"] = [size, size]
-    if processor.get("do_normalize", True):
-        for key, name in (("image_mean", "mean"), ("image_std", "std")):
-            if processor.get(key) is not None:
-                found[name] = [float(v) for v in processor[key]]
+    rescale = processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1
+    factor = 255.0 * float(rescale)  # model input = (pixel / 255 * factor - mean) / std
+    mean, std = [0.0], [1.0]
+    if processor.get("do_normalize", True) and processor.get("image_mean") is not None:
+        mean = [float(v) for v in processor["image_mean"]]
+        std = [float(v) for v in processor.get("image_std") or [1.0]]
+    if mean != [0.0] or std != [1.0] or abs(factor - 1.0) > 1e-12:
+        found["mean"] = [m / factor for m in mean]
+        found["std"] = [s / factor for s in std]
     if processor.get("resample") in PIL_RESAMPLE:
         found["resample"] = PIL_RESAMPLE[processor["resample"]]
     return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -71,6 +72,13 @@ def stage_hf_model(args: argparse.Namespace, stage: Path) -> None:
     user_input = dict(handler.get("input") or {})
     if task == "image-classification":
         handler["input"] = {**image_input(folder), **user_input}
+        if "size" not in handler["input"]:
+            print(
+                "gradnorm-archive: the image processor's size is not a height and width "
+                "(shortest_edge, crop_size?): set handler.input.size, or pictures are scored "
+                "at their own size",
+                file=sys.stderr,
+            )
     elif user_input.get("kind", "text") == "text" and not has_tokenizer(folder):
         raise _fail(f"{folder}: a text classifier needs its tokenizer files (tokenizer.json)")
     document["handler"] = handler
