@@ -22,6 +22,7 @@ from torchserve_harness import REPO, TorchServe, serving
 
 from torchserve_gradnorm.cli import archive as archive_cli
 from torchserve_gradnorm.cli import calibrate as calibrate_cli
+from torchserve_gradnorm.cli import evaluate as evaluate_cli
 from torchserve_gradnorm.hf import load_model
 from torchserve_gradnorm.mar import open_archive
 
@@ -110,7 +111,7 @@ def test_folders_that_cannot_be_packed_are_refused_with_the_reason(folders, tmp_
     assert "needs its tokenizer" in pack(no_tokenizer)
 
 
-def test_calibration_reads_txt_and_jsonl_text_folders(store, tmp_path):
+def test_calibration_and_evaluation_read_txt_and_jsonl_text_folders(store, tmp_path):
     texts = tmp_path / "id"
     texts.mkdir()
     for i, text in enumerate(TEXTS):
@@ -120,6 +121,13 @@ def test_calibration_reads_txt_and_jsonl_text_folders(store, tmp_path):
     out = tmp_path / "calibration.json"
     calibrate_cli.main([str(store / "distilbert.mar"), "--id", str(texts), "--out", str(out)])
     assert json.loads(out.read_text())["n_id"] == 2 * len(TEXTS) + 1
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    (ood / "noise.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["%%", "$ #"]))
+    report = tmp_path / "eval.json"
+    mar = str(store / "distilbert.mar")
+    evaluate_cli.main([mar, "--id", str(texts), "--ood", str(ood), "--json", str(report)])
+    assert "AUROC" in report.read_text()
     (texts / "bad.jsonl").write_text('{"text": ""}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: empty text"):
         calibrate_cli.main([str(store / "distilbert.mar"), "--id", str(texts), "--out", str(out)])

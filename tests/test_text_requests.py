@@ -15,7 +15,7 @@ from torchserve_gradnorm.config import ConfigError, parse_handler_config
 from torchserve_gradnorm.hf import load_model, load_text_encoder
 from torchserve_gradnorm.service import GradNormService
 
-from hf_models import LABELS, autograd_reference, text_model_dir
+from hf_models import LABELS, autograd_reference, text_model_dir, tokenizer
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs/response.schema.json").read_text())
 
@@ -178,3 +178,36 @@ def test_the_model_inputs_follow_its_forward_signature(tmp_path):
     batch = svc.decoder.batch([svc.decoder.decode("the cat").samples])
     assert set(batch) == {"input_ids", "attention_mask"}  # DistilBERT takes no token types
     assert isinstance(batch["input_ids"], torch.Tensor)
+
+
+class BagOfWords(torch.nn.Module):
+    """An eager model of one's own that takes a tokenizer's output as keyword arguments."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1))
+
+
+def test_an_eager_model_takes_text_with_a_tokenizer_shipped_beside_it(tmp_path):
+    tok = tokenizer("bert")
+    tok.save_pretrained(tmp_path)  # what --extra-files puts at the archive root
+    model = BagOfWords(len(tok)).double().eval()
+    config = parse_handler_config({"input": {"kind": "text"}})
+    svc = GradNormService(model, config, text=load_text_encoder(tmp_path, model, config))
+    svc.warm_up()
+    assert svc.scorer.backend == "fast"
+    texts = ["the cat sat on the mat", "a dog"]
+    replies = svc.handle([{"body": t} for t in texts])
+    for text, reply in zip(texts, replies):
+        alone = {k: v for k, v in tok(text, return_tensors="pt").items() if k != "token_type_ids"}
+        logits = model(**alone)
+        loss = -torch.log_softmax(logits, -1).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        expected = -sum(float(g.square().sum()) for g in grads)
+        assert reply.body["ood"]["score"] == pytest.approx(expected, rel=1e-6)
