@@ -111,6 +111,16 @@ def test_folders_that_cannot_be_packed_are_refused_with_the_reason(folders, tmp_
     assert "needs its tokenizer" in pack(no_tokenizer)
 
 
+def test_a_text_model_of_ones_own_needs_its_tokenizer_in_the_archive(tmp_path):
+    config = tmp_path / "text.yaml"
+    config.write_text(yaml.safe_dump({"handler": {"input": {"kind": "text"}}}))
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    argv = ["--model-name", "t", "--serialized-file", str(weights), "--config-file", str(config)]
+    with pytest.raises(SystemExit, match="needs the tokenizer's files"):
+        archive_cli.main([*argv, "--export-path", str(tmp_path)])
+
+
 def test_calibration_and_evaluation_read_txt_and_jsonl_text_folders(store, tmp_path):
     texts = tmp_path / "id"
     texts.mkdir()

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import HandlerConfig
+from .config import ConfigError, HandlerConfig
 from .text import TextEncoder, model_input_names
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
@@ -74,6 +74,12 @@ def model_max_length(model: nn.Module | None, tokenizer: Any) -> int | None:
 
 def load_text_encoder(folder: str | Path, model: nn.Module, config: HandlerConfig) -> TextEncoder:
     """The folder's tokenizer, set up for this model's inputs and the handler's settings."""
+    if not has_tokenizer(folder):
+        raise ConfigError(
+            "handler.input.kind",
+            "text needs the tokenizer's files in the archive (tokenizer.json, "
+            "tokenizer_config.json; --extra-files)",
+        )
     transformers = _transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return TextEncoder(

@@ -36,6 +36,7 @@ from torchserve_gradnorm.config import (
     handler_section,
     parse_handler_config,
 )
+from torchserve_gradnorm.hf import TOKENIZER_FILES
 
 PACKAGE_DIR = Path(torchserve_gradnorm.__file__).resolve().parent
 
@@ -169,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 
             stage_hf_model(args, Path(tmp))  # sets serialized file, config, labels, extras
         config = validate_config(args.config_file)
+        shipped = {Path(f).name for f in args.extra_files.split(",") if f}
+        if config.input.kind == "text" and not shipped & set(TOKENIZER_FILES):
+            raise SystemExit(
+                "gradnorm-archive: input.kind: text needs the tokenizer's files: "
+                "--extra-files tokenizer.json,tokenizer_config.json"
+            )
         if args.calibration:
             validate_calibration(args.calibration, args.serialized_file, config)
         Path(args.export_path).mkdir(parents=True, exist_ok=True)
