@@ -10,7 +10,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from torchserve_gradnorm.codecs import RequestError
 from torchserve_gradnorm.config import ConfigError, parse_handler_config
 from torchserve_gradnorm.hf import load_model, load_text_encoder
 from torchserve_gradnorm.service import GradNormService
@@ -211,3 +214,35 @@ def test_an_eager_model_takes_text_with_a_tokenizer_shipped_beside_it(tmp_path):
         grads = torch.autograd.grad(loss, list(model.parameters()))
         expected = -sum(float(g.square().sum()) for g in grads)
         assert reply.body["ood"]["score"] == pytest.approx(expected, rel=1e-6)
+
+
+BODIES = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200),
+    st.fixed_dictionaries(
+        {"text": st.one_of(st.text(max_size=60), st.integers(), st.none())},
+        optional={"text_pair": st.one_of(st.text(max_size=60), st.binary(max_size=8))},
+    ),
+    st.fixed_dictionaries(
+        {"instances": st.lists(st.one_of(st.text(max_size=30), st.floats()), max_size=70)}
+    ),
+)
+
+
+@settings(
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=BODIES)
+def test_any_body_is_tokenized_or_refused_with_a_4xx(bert, body):
+    try:
+        decoded = bert.decoder.decode(body)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and e.message
+        return
+    batch = bert.decoder.batch([decoded.samples])
+    assert batch["input_ids"].shape[0] == len(decoded.samples) >= 1
+    assert batch["input_ids"].shape[1] <= bert.decoder.text.max_length
