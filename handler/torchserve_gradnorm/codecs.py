@@ -122,7 +122,8 @@ class RequestDecoder:
         return (len(self.input.mode), *self.input.size)
 
     def example(self) -> Any:
-        """A zero batch of one sample, for warming up at load; None if the shape is unknown."""
+        """A zero batch of one sample (two padded texts), for warming up at load; None if the
+        shape is unknown."""
         if self.text is not None:
             return self.text.pad(self.text.examples())
         if self.shape is None:

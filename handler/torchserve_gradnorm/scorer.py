@@ -141,7 +141,6 @@ class GradNormScorer:
         device = next(self.model.parameters()).device
 
         def ready(v: Tensor) -> Tensor:
-            # inference tensors cannot be saved for backward (see below)
             return (v.clone() if v.is_inference() else v).to(device)
 
         # TorchServe (and many callers) run inference under inference_mode or no_grad:
