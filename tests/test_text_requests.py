@@ -67,11 +67,13 @@ def test_every_request_form_is_answered_with_id2label_labels(bert):
             {"data": {"data": "the cat sat"}},
             {"body": b'{"text": "the cat sat"}'},  # JSON sent as bytes
             {"text": b"the cat sat"},  # form field
+            {"body": {"inputs": "the cat sat"}},  # Hugging Face Inference API
             {"body": {"instances": ["the cat sat", {"text": "the cat sat"}]}},
+            {"body": {"inputs": ["the cat sat"]}},
         ]
     )
-    assert [r.status for r in replies] == [200] * 7
-    bodies = [r.body for r in replies[:6]] + replies[6].body
+    assert [r.status for r in replies] == [200] * 9
+    bodies = [r.body for r in replies[:7]] + replies[7].body + replies[8].body
     first = bodies[0]
     for b in bodies:
         jsonschema.validate(b, SCHEMA)

@@ -4,7 +4,8 @@ Per request (``input.kind: text``), one of:
 - a UTF-8 body (``Content-Type: text/plain``, or any body that is not a JSON object);
 - JSON ``{"text": "..."}``, ``{"text": "...", "text_pair": "..."}`` (a sentence pair),
   ``{"data": "..."}``, or ``{"instances": [t, ...]}`` where t is a string or one of those
-  objects;
+  objects; the Hugging Face Inference API's ``{"inputs": "..."}`` and
+  ``{"inputs": ["...", ...]}`` (a list answer) too;
 - form fields ``text`` (and ``text_pair``), or one field of any name;
 - Open Inference Protocol ``BYTES`` elements, one text each (shape ``[n]``), or ``[n, 2]``
   for sentence pairs (see ``v2.py``).
@@ -119,7 +120,12 @@ class TextEncoder:
                 return Decoded([self.tokenize(self.check(Text(payload)))], many=False)
         if not isinstance(payload, Mapping):
             raise RequestError(400, _JSON_FORMS)
-        if "inputs" in payload:
+        inputs = payload.get("inputs")
+        if isinstance(inputs, str):  # Hugging Face Inference API: {"inputs": "text"}
+            return Decoded([self.tokenize(self.check(Text(inputs)))], many=False)
+        if isinstance(inputs, list) and inputs and all(isinstance(t, str) for t in inputs):
+            payload = {"instances": inputs}  # {"inputs": ["text", ...]}
+        elif "inputs" in payload:
             from .v2 import decode_v2  # v2 builds on the codecs
 
             return decode_v2(decoder, payload)
