@@ -215,3 +215,22 @@ def test_one_torchserve_serves_every_hugging_face_model(store, folders, tmp_path
             _, score = autograd_reference(model, {"pixel_values": x.double()})
             assert answer.json()["ood"]["score"] == pytest.approx(score, rel=1e-6)
             assert answer.json()["predictions"][0]["label"] in LABELS.values()
+
+
+def test_the_sample_sentiment_model_reads_reviews_it_was_not_trained_on():
+    from torchserve_gradnorm.config import parse_handler_config
+    from torchserve_gradnorm.hf import load_text_encoder
+    from torchserve_gradnorm.service import GradNormService
+
+    folder = REPO / "samples/text/sentiment"
+    config = parse_handler_config({"hf_task": "text-classification", "top_k": 1})
+    model = load_model(folder, config.hf_task)
+    text = load_text_encoder(folder, model, config)
+    service = GradNormService(model, config, {"0": "negative", "1": "positive"}, text=text)
+    reviews = sorted((REPO / "samples/text/id").glob("*.txt"))[:6]
+    replies = service.handle([{"body": p.read_bytes()} for p in reviews])
+    labels = [r.body["predictions"][0]["label"] for r in replies]
+    assert set(labels) == {"negative", "positive"}
+    (good, bad) = service.handle([{"body": "what a superb film !"}, {"body": "a tedious plot"}])
+    assert good.body["predictions"][0]["label"] == "positive"
+    assert bad.body["predictions"][0]["label"] == "negative"
