@@ -30,7 +30,7 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
-def _bpe_vocab(specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def bpe_vocab(specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE vocabulary: specials, the 256 byte symbols and a few merges."""
     merges = [("t", "h"), ("th", "e"), ("Ġ", "the"), ("c", "a"), ("ca", "t"), ("Ġ", "cat")]
     tokens = specials + _byte_alphabet() + ["".join(m) for m in merges]
@@ -45,10 +45,10 @@ def tokenizer(kind: str):
         cls = transformers.BertTokenizer if kind == "bert" else transformers.DistilBertTokenizer
         return cls(vocab={t: i for i, t in enumerate(vocab)})
     if kind == "roberta":
-        vocab, merges = _bpe_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        vocab, merges = bpe_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
         return transformers.RobertaTokenizer(vocab=vocab, merges=merges)
     if kind == "gpt2":
-        vocab, merges = _bpe_vocab(["<|endoftext|>", "<pad>"])
+        vocab, merges = bpe_vocab(["<|endoftext|>", "<pad>"])
         return transformers.GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<pad>")
     raise ValueError(kind)
 

@@ -18,7 +18,7 @@ from torchserve_gradnorm.config import ConfigError, parse_handler_config
 from torchserve_gradnorm.hf import load_model, load_text_encoder
 from torchserve_gradnorm.service import GradNormService
 
-from hf_models import LABELS, autograd_reference, text_model_dir, tokenizer
+from hf_models import LABELS, autograd_reference, bpe_vocab, text_model_dir, tokenizer
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs/response.schema.json").read_text())
 
@@ -248,3 +248,15 @@ def test_any_body_is_tokenized_or_refused_with_a_4xx(bert, body):
     batch = bert.decoder.batch([decoded.samples])
     assert batch["input_ids"].shape[0] == len(decoded.samples) >= 1
     assert batch["input_ids"].shape[1] <= bert.decoder.text.max_length
+
+
+def test_a_tokenizer_without_a_padding_token_is_a_config_error(tmp_path):
+    import transformers
+
+    vocab, merges = bpe_vocab(["<|endoftext|>"])
+    tok = transformers.GPT2Tokenizer(vocab=vocab, merges=merges)  # GPT-2 has no pad token
+    tok.save_pretrained(tmp_path)
+    model = BagOfWords(len(tok))
+    config = parse_handler_config({"input": {"kind": "text"}})
+    with pytest.raises(ConfigError, match=r"handler\.input\.kind: .*no padding token"):
+        load_text_encoder(tmp_path, model, config)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .codecs import Decoded, RequestError
-from .config import InputConfig, LimitsConfig
+from .config import ConfigError, InputConfig, LimitsConfig
 
 if TYPE_CHECKING:
     from .codecs import RequestDecoder
@@ -96,9 +96,10 @@ class TextEncoder:
         # right padding: absolute positions of a sample's tokens do not move with the batch
         tokenizer.padding_side = "right"
         if tokenizer.pad_token_id is None:
-            raise ValueError(
-                "the tokenizer has no padding token: set pad_token (and the model's "
-                "pad_token_id, e.g. for GPT-2) before save_pretrained"
+            raise ConfigError(
+                "handler.input.kind",
+                "text batches are padded, and the tokenizer has no padding token: set its "
+                "pad_token (and the model's pad_token_id, e.g. for GPT-2) before save_pretrained",
             )
         self.input = input_config
         self.limits = limits
