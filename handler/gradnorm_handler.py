@@ -8,12 +8,16 @@ to TorchServe's handler life cycle. TorchServe wants exactly one class in this m
 from __future__ import annotations
 
 import logging
+import os
 from http import HTTPStatus
 
+import torch
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import load_label_mapping
 
 from torchserve_gradnorm.calibration import file_sha256, shipped_calibration
 from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
+from torchserve_gradnorm.hf import text_encoder_for
 from torchserve_gradnorm.metrics import record_batch
 from torchserve_gradnorm.response import error_answer
 from torchserve_gradnorm.service import GradNormService
@@ -42,8 +46,13 @@ class GradNormHandler(BaseHandler):
 
     def _load(self, context):
         config = parse_handler_config(handler_section(getattr(context, "model_yaml_config", None)))
-        super().initialize(context)
-        calibration = shipped_calibration(context.system_properties["model_dir"], config)
+        model_dir = context.system_properties["model_dir"]
+        if config.hf_task is None:
+            super().initialize(context)
+        else:
+            self._initialize_hf(context, config)
+        text = text_encoder_for(model_dir, self.model, config)
+        calibration = shipped_calibration(model_dir, config)
         weights_sha256 = file_sha256(self.model_pt_path) if calibration else None
         version = str(((context.manifest or {}).get("model") or {}).get("modelVersion", ""))
         self.service = GradNormService(
@@ -54,6 +63,7 @@ class GradNormHandler(BaseHandler):
             weights_sha256,
             context.model_name,
             version,
+            text=text,
         )
         self.service.warm_up()
         logger.info(
@@ -73,6 +83,24 @@ class GradNormHandler(BaseHandler):
             context.set_response_status(status.value, status.phrase, idx)
             context.set_response_content_type(idx, "application/json")
         return [error_answer(status.value, message) for _ in data]
+
+    def _initialize_hf(self, context, config):
+        """BaseHandler.initialize for a save_pretrained folder (transformers' Auto classes)."""
+        from torchserve_gradnorm import hf
+
+        properties = context.system_properties
+        gpu_id = properties.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.device = torch.device("cpu")
+        self.manifest = context.manifest
+        model_dir = properties["model_dir"]
+        self.model_pt_path = os.path.join(model_dir, self.manifest["model"]["serializedFile"])
+        self.model = hf.load_model(model_dir, config.hf_task).to(self.device)
+        # gradnorm-archive writes config.id2label there unless --labels was given
+        self.mapping = load_label_mapping(os.path.join(model_dir, "index_to_name.json"))
+        self.initialized = True
 
     def preprocess(self, data):
         return data  # decoded per request by the service, so that one bad body fails alone

@@ -114,6 +114,7 @@ def test_scorer_kwargs_carry_the_scoring_settings_only():
         "temperature": 1.0,
         "direction": "low_norm_is_ood",
         "per_layer": False,
+        "output": None,
     }
 
 
@@ -389,3 +390,40 @@ def test_param_filter_from_yaml():
         "include": ["layer4.*"],
         "exclude": ["layer4.0.*", "re:.*\\.bias"],
     }
+
+
+def test_text_input_keys_and_their_defaults():
+    config = parse_handler_config({"input": {"kind": "text", "max_length": 128}})
+    assert config.input.kind == "text" and config.input.max_length == 128
+    assert config.input.truncation == "longest_first" and config.input.pairs == "optional"
+    assert (
+        parse_handler_config({"input": {"kind": "text", "truncation": False}}).input.truncation
+        is None
+    )
+    assert parse_handler_config({"hf_task": "text-classification"}).input.kind == "text"
+    assert parse_handler_config({"hf_task": "image-classification"}).input.kind == "image"
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ({"input": {"kind": "text", "size": 3}}, "handler.input.size"),
+        ({"input": {"kind": "image", "max_length": 3}}, "handler.input.max_length"),
+        ({"input": {"kind": "text", "truncation": "sideways"}}, "handler.input.truncation"),
+        ({"input": {"kind": "text", "pairs": "maybe"}}, "handler.input.pairs"),
+        ({"input": {"kind": "text", "max_length": 0}}, "handler.input.max_length"),
+        ({"output": -1}, "handler.output"),
+        ({"output": ""}, "handler.output"),
+        ({"hf_task": "translation"}, "handler.hf_task"),
+        ({"limits": {"max_chars": 0}}, "handler.limits.max_chars"),
+    ],
+)
+def test_bad_text_and_model_output_settings_name_their_key(section, key):
+    with pytest.raises(ConfigError) as info:
+        parse_handler_config(section)
+    assert info.value.key == key
+
+
+def test_output_takes_a_key_or_an_index():
+    assert parse_handler_config({"output": "scores"}).output == "scores"
+    assert parse_handler_config({"output": 1}).scorer_kwargs()["output"] == 1

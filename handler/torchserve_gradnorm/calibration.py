@@ -41,13 +41,16 @@ def file_sha256(path: str | Path) -> str:
 
 def scoring_settings(config: HandlerConfig) -> dict[str, Any]:
     """The handler settings that change scores (not threshold, top_k, backend or limits)."""
-    return {
+    settings = {
         "method": config.method,
         "param_filter": config.param_filter,
         "temperature": config.temperature,
         "direction": config.direction,
         "input": asdict(config.input),
     }
+    if config.output is not None:  # other logits, other scores (absent: older files match)
+        settings["output"] = config.output
+    return settings
 
 
 def fingerprint(weights_sha256: str, config: HandlerConfig) -> str:

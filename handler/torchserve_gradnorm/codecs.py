@@ -76,8 +76,8 @@ class RequestError(Exception):
 
 @dataclass
 class Decoded:
-    samples: torch.Tensor
-    """(n, *input shape), on the CPU."""
+    samples: Any
+    """(n, *input shape) tensor on the CPU; for text, n token-id dicts (``text.py``)."""
     many: bool
     """The request sent ``instances``: answer with a list, one entry per sample."""
     v2: Any = None
@@ -124,9 +124,20 @@ def _parse_json(text: str | bytes) -> Any:
 
 
 class RequestDecoder:
-    def __init__(self, input_config: InputConfig, limits: LimitsConfig) -> None:
+    def __init__(
+        self,
+        input_config: InputConfig,
+        limits: LimitsConfig,
+        text: Any = None,
+        float_dtype: torch.dtype | None = None,
+    ) -> None:
         self.input = input_config
         self.limits = limits
+        self.text = text  # a text.TextEncoder (the tokenizer), for input.kind: text
+        # pictures decode to float32; batches are cast to the model's dtype (float64, half)
+        self.float_dtype = float_dtype
+        if input_config.kind == "text" and text is None:
+            raise ValueError("input.kind: text needs the archive's tokenizer")
         self.dtype = _TORCH_DTYPES[input_config.dtype] if input_config.kind == "tensor" else None
         if input_config.kind == "image":
             self.dtype = torch.float32
@@ -139,15 +150,29 @@ class RequestDecoder:
             return None
         return (len(self.input.mode), *self.input.size)
 
-    def example(self) -> torch.Tensor | None:
-        """A zero batch of one sample, for warming up at load; None if the shape is unknown."""
+    def example(self) -> Any:
+        """A zero batch of one sample (two padded texts), for warming up at load; None if the
+        shape is unknown."""
+        if self.text is not None:
+            return self.text.pad(self.text.examples())
         if self.shape is None:
             return None
-        return torch.zeros((1, *self.shape), dtype=self.dtype)
+        return self.batch([torch.zeros((1, *self.shape), dtype=self.dtype)])
+
+    def batch(self, parts: list[Any]) -> Any:
+        """The samples of several ``Decoded`` as one model batch (texts padded together)."""
+        if self.text is not None:
+            return self.text.pad([tokens for part in parts for tokens in part])
+        batch = torch.cat(parts)
+        if self.input.kind == "image" and self.float_dtype is not None:
+            batch = batch.to(self.float_dtype)
+        return batch
 
     # --- entry point ---
 
     def decode(self, payload: Any) -> Decoded:
+        if self.text is not None:
+            return self.text.decode(payload, self)
         if isinstance(payload, (bytes, bytearray, memoryview)):
             return self._bytes(bytes(payload))
         if isinstance(payload, str):  # TorchServe hands text/* bodies over as text

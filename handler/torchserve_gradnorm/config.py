@@ -20,6 +20,13 @@ SECTION = "handler"
 IMAGE_MODES = ("L", "RGB")
 RESAMPLE = ("nearest", "box", "bilinear", "bicubic", "lanczos")
 TENSOR_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+INPUT_KINDS = ("image", "tensor", "text")
+TRUNCATION = ("longest_first", "only_first", "only_second")
+PAIRS = ("optional", "required", "never")
+HF_TASKS = ("text-classification", "image-classification")
+_IMAGE_KEYS = ("size", "mode", "mean", "std", "resample")
+_TENSOR_KEYS = ("shape", "dtype")
+_TEXT_KEYS = ("max_length", "truncation", "pairs")
 
 
 class ConfigError(ValueError):
@@ -42,6 +49,10 @@ class InputConfig:
     # tensor
     shape: tuple[int, ...] | None = None  # one sample's shape, without the batch axis
     dtype: str = "float32"
+    # text (tokenized with the archive's Hugging Face tokenizer)
+    max_length: int | None = None  # tokens; None: the model's limit
+    truncation: str | None = "longest_first"  # a tokenizer strategy; None: refuse long texts
+    pairs: str = "optional"  # sentence pairs: optional, required or never
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class LimitsConfig:
     max_pixels: int = 16_000_000  # width x height of a decoded picture, read from its header
     max_tensor_elements: int = 10_000_000  # numbers in one request's tensor
     max_instances: int = 64  # samples in one {"instances": [...]} request
+    max_chars: int = 100_000  # characters in one text (a sentence pair counts both)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class HandlerConfig:
     threshold: float | None = None
     detector: str | None = None  # None: the calibration file's detector, else "sum"
     calibration: str | None = None  # file in the archive; None: calibration.json if shipped
+    output: str | int | None = None  # where the logits are in the model's output
+    hf_task: str | None = None  # a save_pretrained model loaded with transformers' Auto classes
     input: InputConfig = field(default_factory=InputConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -76,6 +90,7 @@ class HandlerConfig:
             "temperature": self.temperature,
             "direction": self.direction,
             "per_layer": self.per_layer,
+            "output": self.output,
         }
 
 
@@ -172,13 +187,22 @@ def _param_filter(key: str, value: Any) -> Any:
     )
 
 
-def _input(key: str, raw: Any) -> InputConfig:
+def _only_for(key: str, spec: Mapping[str, Any], keys: tuple[str, ...], kind: str) -> None:
+    for name in keys:
+        if name in spec:
+            raise ConfigError(f"{key}.{name}", f"only for input.kind: {kind}")
+
+
+def _input(key: str, raw: Any, default_kind: str = "image") -> InputConfig:
     spec = _check_keys(key, raw, {f.name for f in fields(InputConfig)})
-    kind = _choice(f"{key}.kind", spec.get("kind", "image"), ("image", "tensor"))
+    kind = _choice(f"{key}.kind", spec.get("kind", default_kind), INPUT_KINDS)
+    if kind != "image":
+        _only_for(key, spec, _IMAGE_KEYS, "image")
+    if kind != "tensor":
+        _only_for(key, spec, _TENSOR_KEYS, "tensor")
+    if kind != "text":
+        _only_for(key, spec, _TEXT_KEYS, "text")
     if kind == "image":
-        for tensor_key in ("shape", "dtype"):
-            if tensor_key in spec:
-                raise ConfigError(f"{key}.{tensor_key}", "only for input.kind: tensor")
         mode = _choice(f"{key}.mode", spec.get("mode", "RGB"), IMAGE_MODES)
         channels = len(mode)
         size = spec.get("size")
@@ -195,13 +219,37 @@ def _input(key: str, raw: Any) -> InputConfig:
                 )
         resample = _choice(f"{key}.resample", spec.get("resample", "bilinear"), RESAMPLE)
         return InputConfig("image", size, mode, mean, std, resample)
-    for image_key in ("size", "mode", "mean", "std", "resample"):
-        if image_key in spec:
-            raise ConfigError(f"{key}.{image_key}", "only for input.kind: image")
+    if kind == "text":
+        truncation = spec.get("truncation", True)
+        if truncation is True:
+            truncation = "longest_first"
+        elif truncation is False:
+            truncation = None
+        elif truncation not in TRUNCATION:
+            raise ConfigError(
+                f"{key}.truncation",
+                f"expected true, false or one of {', '.join(TRUNCATION)}, got {truncation!r}",
+            )
+        return InputConfig(
+            "text",
+            max_length=_int(f"{key}.max_length", spec.get("max_length"), optional=True),
+            truncation=truncation,
+            pairs=_choice(f"{key}.pairs", spec.get("pairs", "optional"), PAIRS),
+        )
     shape = spec.get("shape")
     shape = None if shape is None else _ints(f"{key}.shape", shape)
     dtype = _choice(f"{key}.dtype", spec.get("dtype", "float32"), TENSOR_DTYPES)
     return InputConfig("tensor", shape=shape, dtype=dtype)
+
+
+def _output(key: str, value: Any) -> str | int | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ConfigError(
+        key, f"expected the key (e.g. logits) or index (e.g. 0) of the logits, got {value!r}"
+    )
 
 
 def _limits(key: str, raw: Any) -> LimitsConfig:
@@ -220,6 +268,11 @@ def parse_handler_config(raw: Any) -> HandlerConfig:
     key = SECTION
     spec = _check_keys(key, raw, {f.name for f in fields(HandlerConfig)})
     d = HandlerConfig()
+    hf_task = (
+        None
+        if spec.get("hf_task") is None
+        else _choice(f"{key}.hf_task", spec["hf_task"], HF_TASKS)
+    )
     return HandlerConfig(
         method=_choice(f"{key}.method", spec.get("method", d.method), tuple(METHODS)),
         param_filter=_param_filter(f"{key}.param_filter", spec.get("param_filter")),
@@ -238,7 +291,13 @@ def parse_handler_config(raw: Any) -> HandlerConfig:
         if spec.get("detector") is None
         else _choice(f"{key}.detector", spec["detector"], tuple(DETECTORS)),
         calibration=_filename(f"{key}.calibration", spec.get("calibration")),
-        input=_input(f"{key}.input", spec.get("input")),
+        output=_output(f"{key}.output", spec.get("output")),
+        hf_task=hf_task,
+        input=_input(
+            f"{key}.input",
+            spec.get("input"),
+            "text" if hf_task == "text-classification" else "image",
+        ),
         limits=_limits(f"{key}.limits", spec.get("limits")),
     )
 

@@ -2,12 +2,15 @@
 
 A folder holds pictures (decoded exactly as the server decodes a request), ``.npy`` files
 (read with ``allow_pickle=False``) or ``.pt`` tensors (read with ``weights_only=True``): one
-sample each, or a stack of samples along a first axis.
+sample each, or a stack of samples along a first axis. For ``input.kind: text`` it holds
+``.txt`` files (one text each) and ``.jsonl`` files (one ``{"text": ...}`` per line, with
+``text_pair`` for sentence pairs), tokenized by the archive's own tokenizer.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import sys
 from collections.abc import Iterator
@@ -17,22 +20,51 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import RequestDecoder
+from .codecs import RequestDecoder, RequestError
 from .detectors import Features
 from .scorer import GradNormScorer
 
 PICTURES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 TENSORS = {".npy", ".pt"}
+TEXTS = {".txt", ".jsonl"}
 
 
-def sample_files(folder: str | Path) -> list[Path]:
+def sample_files(folder: str | Path, text: bool = False) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICTURES | TENSORS)
+    kinds = TEXTS if text else PICTURES | TENSORS
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in kinds)
     if not files:
-        raise ValueError(f"{folder}: no pictures, .npy or .pt files")
+        what = ".txt or .jsonl files" if text else "pictures, .npy or .pt files"
+        raise ValueError(f"{folder}: no {what}")
     return files
+
+
+def _texts(path: Path, decoder: RequestDecoder) -> list:
+    """Token ids of the texts of one .txt (the whole file) or .jsonl file (one per line)."""
+    if path.suffix.lower() == ".txt":
+        return _decode_text(decoder, path.read_bytes(), str(path))
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: not JSON ({e})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f'{path}:{number}: expected {{"text": ...}}')
+        request = {"text": record["text"], "text_pair": record.get("text_pair")}
+        samples += _decode_text(decoder, request, f"{path}:{number}")
+    return samples
+
+
+def _decode_text(decoder: RequestDecoder, payload: object, where: str) -> list:
+    try:
+        return decoder.decode(payload).samples
+    except RequestError as e:
+        raise ValueError(f"{where}: {e.message}") from None
 
 
 def _array(path: Path) -> np.ndarray:
@@ -47,8 +79,10 @@ def _array(path: Path) -> np.ndarray:
     return value.numpy()
 
 
-def load_samples(path: Path, decoder: RequestDecoder) -> torch.Tensor:
-    """(n, *input shape) from one file."""
+def load_samples(path: Path, decoder: RequestDecoder) -> torch.Tensor | list:
+    """(n, *input shape) from one file; for text, n token-id dicts."""
+    if path.suffix.lower() in TEXTS:
+        return _texts(path, decoder)
     if path.suffix.lower() in PICTURES:
         return decoder.decode(path.read_bytes()).samples
     array = _array(path)
@@ -63,8 +97,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def iter_folder(folder: str | Path, decoder: RequestDecoder) -> Iterator[torch.Tensor]:
-    for path in sample_files(folder):
+def iter_folder(folder: str | Path, decoder: RequestDecoder) -> Iterator[torch.Tensor | list]:
+    for path in sample_files(folder, text=decoder.text is not None):
         yield load_samples(path, decoder)
 
 
@@ -83,12 +117,13 @@ def score_folder(
     progress: bool | None = None,
 ) -> Scored:
     """Score every sample of a folder with the serving code path, in batches."""
-    samples = torch.cat(list(iter_folder(folder, decoder)))
+    parts = list(iter_folder(folder, decoder))
+    samples = [s for part in parts for s in part] if decoder.text is not None else torch.cat(parts)
     if progress is None:
         progress = sys.stderr.isatty()
     features, logits = [], []
     for start in range(0, len(samples), batch_size):
-        result = scorer(samples[start : start + batch_size])
+        result = scorer(decoder.batch([samples[start : start + batch_size]]))
         features.append(Features.from_result(result))
         logits.append(result.logits.double().cpu().numpy())
         if progress:

@@ -2,7 +2,8 @@
 
 The model is loaded the way TorchServe's BaseHandler loads it — an eager model from the
 model file (its one nn.Module class) and a state_dict read with ``weights_only=True``, or a
-TorchScript file — so offline scores equal served ones.
+TorchScript file, or for ``handler.hf_task`` a save_pretrained folder (``hf.py``) — so
+offline scores equal served ones.
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ def open_archive(path: str | Path) -> Archive:
             document = yaml.safe_load((root / model_info["configFile"]).read_text())
         config = parse_handler_config(handler_section(document))
         weights = root / model_info["serializedFile"]
-        if model_info.get("modelFile"):
+        if config.hf_task is not None:
+            from .hf import load_model
+
+            model = load_model(root, config.hf_task)
+        elif model_info.get("modelFile"):
             model = _eager_model(root, model_info["modelFile"], weights)
         else:
             with warnings.catch_warnings():

@@ -13,6 +13,16 @@ from torch import Tensor, nn
 from .backends import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, Backend, BackendUnsupported
 from .filters import ParamFilter, select_parameters
 from .losses import get_method
+from .outputs import (
+    Batch,
+    OutputError,
+    OutputKey,
+    as_tensor_batch,
+    batch_size,
+    check_output_key,
+    map_batch,
+    rows,
+)
 
 log = logging.getLogger("torchserve_gradnorm")
 
@@ -67,8 +77,10 @@ class GradNormScorer:
         temperature: float = 1.0,
         per_layer: bool = False,
         direction: str = "low_norm_is_ood",
+        output: OutputKey = None,
     ) -> None:
         self.method = get_method(method)
+        self.output = check_output_key(output)
         if backend not in BACKEND_CHOICES:
             raise ValueError(
                 f"unknown backend {backend!r}: expected one of {', '.join(BACKEND_CHOICES)}"
@@ -111,7 +123,9 @@ class GradNormScorer:
         for name in names:
             try:
                 built.append(
-                    BACKENDS[name](self.model, self.selected, self.method, self.temperature)
+                    BACKENDS[name](
+                        self.model, self.selected, self.method, self.temperature, self.output
+                    )
                 )
             except BackendUnsupported as e:
                 if backend != "auto":
@@ -119,16 +133,20 @@ class GradNormScorer:
                 log.info("gradnorm: backend %s not used for this model: %s", name, e)
         return built
 
-    def __call__(self, x: Tensor) -> ScoreResult:
-        if x.dim() == 0 or len(x) == 0:
-            raise ValueError("GradNormScorer needs a non-empty batch (B, ...)")
+    def __call__(self, x: Batch) -> ScoreResult:
+        """Score a batch: a (B, ...) Tensor, or a mapping of (B, ...) tensors that the model
+        takes as keyword arguments (``model(**x)``, e.g. a tokenizer's output)."""
+        x = as_tensor_batch(x)
+        batch_size(x)  # refuses empty batches and tensors that disagree on B
         device = next(self.model.parameters()).device
+
+        def ready(v: Tensor) -> Tensor:
+            return (v.clone() if v.is_inference() else v).to(device)
+
         # TorchServe (and many callers) run inference under inference_mode or no_grad:
         # scoring needs autograd, and inference tensors cannot be saved for backward.
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model):
-            if x.is_inference():
-                x = x.clone()
-            x = x.to(device)
+            x = map_batch(x, ready)
             logits, norms = self._score_in_chunks(x)
         grad_norm = torch.stack(list(norms.values())).sum(0)
         ood = -grad_norm if self.direction == "low_norm_is_ood" else grad_norm.clone()
@@ -139,19 +157,20 @@ class GradNormScorer:
             per_layer=norms if self.per_layer else None,
         )
 
-    def _score_in_chunks(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        size = self.micro_batch_size or max(len(x), 1)
+    def _score_in_chunks(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        total = batch_size(x)
+        size = self.micro_batch_size or total
         logits: list[Tensor] = []
         norms: list[dict[str, Tensor]] = []
         start = 0
-        while start < len(x):
-            chunk = x[start : start + size]
+        while start < total:
+            chunk = rows(x, start, start + size)
             try:
                 chunk_logits, chunk_norms = self._run_backend(chunk)
             except Exception as e:
                 if not _is_oom(e) or size == 1:
                     raise
-                size = max(1, len(chunk) // 2)
+                size = max(1, batch_size(chunk) // 2)
                 self.micro_batch_size = size
                 log.warning("gradnorm: out of memory; retrying with micro_batch_size=%d", size)
                 if torch.cuda.is_available():
@@ -159,10 +178,10 @@ class GradNormScorer:
                 continue
             logits.append(chunk_logits)
             norms.append(chunk_norms)
-            start += len(chunk)
+            start += batch_size(chunk)
         return torch.cat(logits), {n: torch.cat([c[n] for c in norms]) for n in self.selected}
 
-    def _run_backend(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _run_backend(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Run the current backend; under ``auto``, fall back to the next one that works.
 
         A fallback is remembered only when the next backend succeeds on the same input, so a
@@ -173,7 +192,8 @@ class GradNormScorer:
             try:
                 result = backend(x)
             except Exception as e:
-                if self.requested_backend != "auto" or _is_oom(e):
+                # no other backend finds logits the model does not return
+                if self.requested_backend != "auto" or _is_oom(e) or isinstance(e, OutputError):
                     raise
                 errors.append(e)
                 continue

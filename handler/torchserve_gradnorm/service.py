@@ -24,8 +24,10 @@ from .codecs import Decoded, RequestError, request_payload
 from .config import ConfigError, HandlerConfig
 from .detectors import Detector, Features, SumDetector
 from .filters import select_parameters
+from .outputs import OutputError
 from .response import prediction_answers
 from .scorer import GradNormScorer, ScoreResult
+from .text import text_form_payload
 from .transport import Delivery
 from .v2 import (
     V2RequestDecoder,
@@ -59,6 +61,11 @@ class BatchStats:
     scoring_ms: float = 0.0
 
 
+def float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters, which pictures are cast to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def _finite(answer: dict[str, Any]) -> bool:
     numbers = [answer["ood"]["score"], answer["ood"]["grad_norm"]]
     numbers += [p["probability"] for p in answer["predictions"]]
@@ -80,6 +87,7 @@ class GradNormService:
         weights_sha256: str | None = None,
         model_name: str = "model",
         model_version: str = "1",
+        text: Any = None,
     ) -> None:
         self.config = config
         # named in v2 (Open Inference Protocol) answers
@@ -112,7 +120,7 @@ class GradNormService:
             if calibration is None or self.threshold is None
             else (calibration.center, self.threshold)
         )
-        self.decoder = V2RequestDecoder(config.input, config.limits)
+        self.decoder = V2RequestDecoder(config.input, config.limits, text, float_dtype(model))
         self.last = BatchStats()
 
     @staticmethod
@@ -142,6 +150,8 @@ class GradNormService:
             self.scorer(example)
         except BackendUnsupported as e:
             raise ConfigError("handler.backend", f"{self.scorer.backend!r}: {e}") from None
+        except OutputError as e:
+            raise ConfigError("handler.output", str(e)) from None
 
     def handle(
         self,
@@ -159,7 +169,7 @@ class GradNormService:
         oip_grpc: dict[int, str] = {}  # request -> its id
         for i, (request, delivery) in enumerate(zip(requests, deliveries)):
             try:
-                payload = request_payload(request)
+                payload = self._payload(request)
                 if delivery.is_oip_grpc(payload):
                     oip_grpc[i] = str(payload.get("id") or "")
                     check_grpc_contents(payload)
@@ -212,8 +222,15 @@ class GradNormService:
                 replies.update(self._score({i: d}))
             return replies
 
+    def _payload(self, request: Mapping[str, Any]) -> Any:
+        if self.decoder.text is not None:
+            form = text_form_payload(request)
+            if form is not None:
+                return form
+        return request_payload(request)
+
     def _score_together(self, decoded: dict[int, Decoded]) -> dict[int, Reply]:
-        batch = torch.cat([d.samples for d in decoded.values()])
+        batch = self.decoder.batch([d.samples for d in decoded.values()])
         result = self.scorer(batch)
         answers = self._answers(result)
         replies: dict[int, Reply] = {}

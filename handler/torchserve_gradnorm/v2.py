@@ -19,7 +19,8 @@ tensor extension bodies, see ``v2_binary``)::
 - numeric datatypes ``FP16 FP32 FP64 INT8 INT16 INT32 INT64 UINT8 UINT16 UINT32 UINT64``
   (the values must fit the declared type; they are then converted to the model's
   ``input.dtype``), or ``BYTES`` with one base64-encoded picture per element for
-  ``input.kind: image`` (shape ``[n]``, ``[n, 1]`` or ``[-1]``);
+  ``input.kind: image`` (shape ``[n]``, ``[n, 1]`` or ``[-1]``), or one UTF-8 text per
+  element for ``input.kind: text`` (``[n, 2]``: n sentence pairs);
 - the handler's limits apply: ``limits.max_instances`` samples, ``limits.max_tensor_elements``
   numbers in the request, ``limits.max_pixels`` per picture.
 
@@ -157,7 +158,9 @@ def decode_v2(decoder: RequestDecoder, obj: Mapping[str, Any], raw: bytes = b"")
         tensor = _the_input(obj["inputs"])
         data = _tensor_data(tensor, raw)
         datatype = tensor["datatype"]
-        if datatype == "BYTES":
+        if datatype == "BYTES" and decoder.text is not None:
+            samples = _texts(decoder, tensor, data)
+        elif datatype == "BYTES":
             samples = _pictures(decoder, tensor, data)
         elif datatype in NUMERIC_DATATYPES:
             samples = _numbers(decoder, tensor, data, NUMERIC_DATATYPES[datatype])
@@ -328,6 +331,19 @@ def _pictures(decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any) -> 
         raise RequestError(
             400, "pictures of different sizes: set input.size to resize them"
         ) from None
+
+
+def _texts(decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any) -> list[Any]:
+    """BYTES elements as UTF-8 texts: shape [n] or [n, 1], or [n, 2] for sentence pairs."""
+    items = list(_flatten(data))
+    shape = tensor["shape"]
+    if -1 not in shape and math.prod(shape) != len(items):
+        raise RequestError(400, f"shape {shape} holds {math.prod(shape)} values, got {len(items)}")
+    if not items:
+        raise RequestError(400, "no texts in 'data'")
+    pairs = len(shape) == 2 and shape[1] == 2
+    _check_count(decoder, len(items) // 2 if pairs else len(items))
+    return decoder.text.texts_from_elements(items, pairs)
 
 
 def _flatten(data: Any) -> Any:

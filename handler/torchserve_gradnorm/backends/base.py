@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import Method
+from ..outputs import Batch, OutputKey, forward_logits
 
 
 class BackendUnsupported(RuntimeError):
@@ -21,13 +22,20 @@ class Backend(ABC):
 
     ``__call__`` receives a batch already on the model's device, with grad mode on and the
     model in eval mode (the scorer arranges both), and returns the logits of that batch and,
-    for every selected parameter name, its (B,) contribution to the norm.
+    for every selected parameter name, its (B,) contribution to the norm. A batch is a
+    Tensor or a mapping of batched tensors (``outputs.Batch``); ``logits`` calls the model
+    and finds its logits.
     """
 
     name: str = ""
 
     def __init__(
-        self, model: nn.Module, selected: list[str], method: Method, temperature: float
+        self,
+        model: nn.Module,
+        selected: list[str],
+        method: Method,
+        temperature: float,
+        output: OutputKey = None,
     ) -> None:
         reason = self.unsupported_reason(model, selected)
         if reason:
@@ -36,6 +44,7 @@ class Backend(ABC):
         self.selected = selected
         self.method = method
         self.temperature = temperature
+        self.output = output
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module, selected: list[str]) -> str | None:
@@ -43,7 +52,10 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def __call__(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def logits(self, x: Batch) -> Tensor:
+        return forward_logits(self.model, x, self.output)
 
     def loss(self, logits: Tensor) -> Tensor:
         return self.method.loss(logits, self.temperature)

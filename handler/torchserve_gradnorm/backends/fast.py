@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..norms import rule_for
+from ..outputs import Batch, batch_size
 from .base import Backend, BackendUnsupported, is_torchscript, requires_grad_only
 
 
@@ -61,20 +62,22 @@ class FastBackend(Backend):
                 return f"{label}: {reason}"
         return None
 
-    def __init__(self, model, selected, method, temperature) -> None:
-        super().__init__(model, selected, method, temperature)
+    def __init__(self, model, selected, method, temperature, output=None) -> None:
+        super().__init__(model, selected, method, temperature, output)
         self._owners = _owners(model, selected)
         self._modules = {name: model.get_submodule(name) for name in self._owners}
         self._rules = {name: rule_for(m) for name, m in self._modules.items()}
         self._graph_checked = False
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         calls: dict[str, list[tuple[Tensor, int, object]]] = defaultdict(list)
 
         def hook_for(name: str):
             def hook(module: nn.Module, inputs: tuple, output: object) -> None:
                 if not isinstance(output, Tensor) or output.grad_fn is None:
                     raise BackendUnsupported(f"{name}: output is not a differentiable tensor")
+                if not inputs or not isinstance(inputs[0], Tensor):
+                    raise BackendUnsupported(f"{name}: called without a positional input tensor")
                 calls[name].append((inputs[0], inputs[0]._version, get_gradient_edge(output)))
 
             return hook
@@ -82,7 +85,7 @@ class FastBackend(Backend):
         handles = [m.register_forward_hook(hook_for(n)) for n, m in self._modules.items()]
         try:
             with requires_grad_only(self.model, self.selected) as params:
-                logits = self.model(x)
+                logits = self.logits(x)
                 loss = self.loss(logits).sum()
                 if not self._graph_checked:
                     self._check_graph(loss, params)
@@ -103,6 +106,7 @@ class FastBackend(Backend):
         grads = torch.autograd.grad(loss, edges, allow_unused=True, materialize_grads=True)
 
         kind = self.method.norm
+        samples = batch_size(x)
         norms: dict[str, Tensor] = {}
         for name, grad_output in zip(names, grads):
             activation = calls[name][0][0]
@@ -112,6 +116,13 @@ class FastBackend(Backend):
             )
             for local_name, full in self._owners[name].items():
                 norms[full] = local[local_name]
+                # an input broadcast over the batch (BERT's (1, T) position ids) gives a rule
+                # fewer rows than samples: refuse rather than return a wrong shape
+                if norms[full].shape != (samples,):
+                    raise BackendUnsupported(
+                        f"{name}: the {local_name} rule gave shape {list(norms[full].shape)} "
+                        f"for {samples} samples (an input broadcast over the batch?)"
+                    )
         return logits.detach(), {n: norms[n] for n in self.selected}
 
     def _check_graph(self, loss: Tensor, params: list[Tensor]) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..losses import per_sample_norm
+from ..outputs import Batch, call_args, logits_of, map_batch
 from .base import Backend, is_torchscript
 
 
@@ -23,16 +24,19 @@ class VmapBackend(Backend):
             return "torch.func cannot trace a TorchScript model"
         return None
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         wanted = set(self.selected)
         named = dict(self.model.named_parameters())
         selected = {n: named[n].detach() for n in self.selected}
         constants = {n: p.detach() for n, p in named.items() if n not in wanted}
         constants.update({n: b.detach() for n, b in self.model.named_buffers()})
-        model, loss = self.model, self.loss
+        model, loss, key = self.model, self.loss, self.output
 
-        def one_sample(params: dict[str, Tensor], xi: Tensor) -> tuple[Tensor, Tensor]:
-            logits = functional_call(model, {**params, **constants}, (xi.unsqueeze(0),))
+        def one_sample(params: dict[str, Tensor], xi: Batch) -> tuple[Tensor, Tensor]:
+            # vmap hands over one sample without its batch axis (each tensor of a mapping too)
+            args, kwargs = call_args(map_batch(xi, lambda v: v.unsqueeze(0)))
+            output = functional_call(model, {**params, **constants}, args, kwargs)
+            logits = logits_of(output, key)
             return loss(logits).sum(), logits.squeeze(0)
 
         grads, logits = vmap(grad(one_sample, has_aux=True), in_dims=(None, 0))(selected, x)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from ..codecs import RequestDecoder
 from ..datasets import Scored, score_folder
+from ..hf import text_encoder_for
 from ..mar import Archive
 from ..scorer import GradNormScorer
+from ..service import float_dtype
 
 
 def feature_scorer(archive: Archive) -> tuple[GradNormScorer, RequestDecoder]:
@@ -15,7 +17,11 @@ def feature_scorer(archive: Archive) -> tuple[GradNormScorer, RequestDecoder]:
     kwargs = archive.config.scorer_kwargs()
     kwargs["per_layer"] = True
     scorer = GradNormScorer(archive.model, **kwargs)
-    return scorer, RequestDecoder(archive.config.input, archive.config.limits)
+    text = text_encoder_for(archive.root, archive.model, archive.config)
+    decoder = RequestDecoder(
+        archive.config.input, archive.config.limits, text, float_dtype(archive.model)
+    )
+    return scorer, decoder
 
 
 def score_folders(

@@ -1,7 +1,9 @@
 """gradnorm-archive: pack a classifier into a self-contained TorchServe .mar.
 
-Same flags as torch-model-archiver where they overlap, plus ``--labels``. The handler
-config is validated with the code the server runs at load, before anything is packed; the
+Same flags as torch-model-archiver where they overlap, plus ``--labels``. ``--hf-model DIR``
+packs a Hugging Face ``save_pretrained`` folder instead of a model file and weights (see
+``hf_folder``). The handler config is validated with the code the server runs at load,
+before anything is packed; the
 archive carries the ``torchserve_gradnorm`` package, so the TorchServe host does not need
 this project installed. ``--calibration`` ships a calibration file after checking that it
 was made for these weights and settings. Packing itself is torch-model-archiver's job.
@@ -40,6 +42,7 @@ from torchserve_gradnorm.config import (
     handler_section,
     parse_handler_config,
 )
+from torchserve_gradnorm.hf import TOKENIZER_FILES, text_encoder_for
 from torchserve_gradnorm.mar import open_archive
 from torchserve_gradnorm.service import GradNormService
 
@@ -71,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-file", help="Python file with the model class (eager models)")
     p.add_argument(
         "--serialized-file",
-        required=True,
         help="state_dict (with --model-file) or TorchScript .pt file",
+    )
+    p.add_argument(
+        "--hf-model",
+        metavar="DIR",
+        help="a Hugging Face save_pretrained folder (config.json, safetensors weights, "
+        "tokenizer or image processor files), loaded with transformers' Auto classes",
     )
     p.add_argument("--config-file", help="model-config.yaml with a handler: section")
     p.add_argument("--extra-files", default="", help="comma-separated files to ship too")
@@ -134,6 +142,7 @@ def check_loads(mar: Path, args: argparse.Namespace) -> None:
                 calibration,
                 weights_sha256,
                 args.model_name,
+                text=text_encoder_for(archive.root, archive.model, archive.config),
             ).warm_up()
     except ConfigError as e:
         raise SystemExit(f"gradnorm-archive: {where}: {e}") from None
@@ -180,20 +189,35 @@ def archiver_command(args: argparse.Namespace, stage: Path, export_path: Path) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = validate_config(args.config_file)
-    if not args.model_file and not args.serialized_file.endswith(".pt"):
-        # TorchServe's BaseHandler loads a model without a model file only from a .pt name
-        raise SystemExit(
-            "gradnorm-archive: --serialized-file: without --model-file the model must be "
-            f"a TorchScript file ending in .pt, got {args.serialized_file}"
-        )
-    if args.calibration:
-        validate_calibration(args.calibration, args.serialized_file, config)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.hf_model and (args.model_file or args.serialized_file):
+        parser.error("--hf-model replaces --model-file and --serialized-file")
+    if not args.hf_model and not args.serialized_file:
+        parser.error("--serialized-file (or --hf-model) is required")
     target = Path(args.export_path) / f"{args.model_name}.mar"
     if target.exists() and not args.force:
         raise SystemExit(f"gradnorm-archive: {target} exists; --force overwrites it")
     with tempfile.TemporaryDirectory(prefix="gradnorm-archive-") as tmp:
+        if args.hf_model:
+            from .hf_folder import stage_hf_model
+
+            stage_hf_model(args, Path(tmp))  # sets serialized file, config, labels, extras
+        elif not args.model_file and not args.serialized_file.endswith(".pt"):
+            # TorchServe's BaseHandler loads a model without a model file only from a .pt name
+            raise SystemExit(
+                "gradnorm-archive: --serialized-file: without --model-file the model must be "
+                f"a TorchScript file ending in .pt, got {args.serialized_file}"
+            )
+        config = validate_config(args.config_file)
+        shipped = {Path(f).name for f in args.extra_files.split(",") if f}
+        if config.input.kind == "text" and not shipped & set(TOKENIZER_FILES):
+            raise SystemExit(
+                "gradnorm-archive: input.kind: text needs the tokenizer's files: "
+                "--extra-files tokenizer.json,tokenizer_config.json"
+            )
+        if args.calibration:
+            validate_calibration(args.calibration, args.serialized_file, config)
         packed = Path(tmp) / "packed"
         packed.mkdir()
         result = subprocess.run(archiver_command(args, Path(tmp), packed), check=False)
