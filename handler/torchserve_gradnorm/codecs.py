@@ -123,6 +123,17 @@ def _parse_json(text: str | bytes) -> Any:
         raise RequestError(400, f"the body cannot be read as JSON: {e}") from None
 
 
+def checked_instances(instances: Any, limits: LimitsConfig) -> list[Any]:
+    """The samples of an ``{"instances": [...]}`` body, within ``limits.max_instances``."""
+    if not isinstance(instances, list) or not instances:
+        raise RequestError(400, "'instances' must be a non-empty list")
+    if len(instances) > limits.max_instances:
+        raise RequestError(
+            413, f"{len(instances)} instances exceed the limit of {limits.max_instances}"
+        )
+    return instances
+
+
 class RequestDecoder:
     def __init__(
         self,
@@ -211,14 +222,7 @@ class RequestDecoder:
 
     def _json(self, obj: Any) -> Decoded:
         if isinstance(obj, Mapping) and "instances" in obj:
-            instances = obj["instances"]
-            if not isinstance(instances, list) or not instances:
-                raise RequestError(400, "'instances' must be a non-empty list")
-            if len(instances) > self.limits.max_instances:
-                raise RequestError(
-                    413,
-                    f"{len(instances)} instances exceed the limit of {self.limits.max_instances}",
-                )
+            instances = checked_instances(obj["instances"], self.limits)
             return Decoded(torch.stack([self._sample(x) for x in instances]), many=True)
         if isinstance(obj, Mapping) and "data" in obj:
             return Decoded(self._sample(obj["data"]).unsqueeze(0), many=False)

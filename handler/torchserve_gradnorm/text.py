@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .codecs import Decoded, RequestError
+from .codecs import Decoded, RequestError, checked_instances
 from .config import ConfigError, InputConfig, LimitsConfig
 
 if TYPE_CHECKING:
@@ -129,14 +129,7 @@ class TextEncoder:
         elif "inputs" in payload:
             return decoder._json(payload)  # a v2 request: the v2 decoder knows it
         if "instances" in payload:
-            instances = payload["instances"]
-            if not isinstance(instances, list) or not instances:
-                raise RequestError(400, "'instances' must be a non-empty list")
-            if len(instances) > self.limits.max_instances:
-                raise RequestError(
-                    413,
-                    f"{len(instances)} instances exceed the limit of {self.limits.max_instances}",
-                )
+            instances = checked_instances(payload["instances"], self.limits)
             texts = [self.instance(x) for x in instances]
             return Decoded([self.tokenize(t) for t in texts], many=True)
         if "text" in payload or "data" in payload:

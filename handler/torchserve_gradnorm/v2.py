@@ -303,13 +303,19 @@ def _as_datatype(array: np.ndarray, dtype: np.dtype, datatype: str) -> np.ndarra
     return array.astype(dtype)
 
 
-def _pictures(decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any) -> torch.Tensor:
+def _bytes_elements(tensor: Mapping[str, Any], data: Any, what: str) -> list[Any]:
+    """A BYTES input's elements, as many as its shape says (and at least one)."""
     items = list(_flatten(data))
     shape = tensor["shape"]
     if -1 not in shape and math.prod(shape) != len(items):
         raise RequestError(400, f"shape {shape} holds {math.prod(shape)} values, got {len(items)}")
     if not items:
-        raise RequestError(400, "no pictures in 'data'")
+        raise RequestError(400, f"no {what} in 'data'")
+    return items
+
+
+def _pictures(decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any) -> torch.Tensor:
+    items = _bytes_elements(tensor, data, "pictures")
     if decoder.input.kind != "image":
         raise RequestError(415, "this model takes numeric tensors, not BYTES pictures")
     _check_count(decoder, len(items))
@@ -335,12 +341,8 @@ def _pictures(decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any) -> 
 
 def _texts(decoder: RequestDecoder, tensor: Mapping[str, Any], data: Any) -> list[Any]:
     """BYTES elements as UTF-8 texts: shape [n] or [n, 1], or [n, 2] for sentence pairs."""
-    items = list(_flatten(data))
+    items = _bytes_elements(tensor, data, "texts")
     shape = tensor["shape"]
-    if -1 not in shape and math.prod(shape) != len(items):
-        raise RequestError(400, f"shape {shape} holds {math.prod(shape)} values, got {len(items)}")
-    if not items:
-        raise RequestError(400, "no texts in 'data'")
     pairs = len(shape) == 2 and shape[1] == 2
     _check_count(decoder, len(items) // 2 if pairs else len(items))
     return decoder.text.texts_from_elements(items, pairs)
