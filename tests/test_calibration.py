@@ -24,9 +24,13 @@ from torchserve_gradnorm.calibration import (
 )
 from torchserve_gradnorm.config import ConfigError, parse_handler_config
 from torchserve_gradnorm.detectors import (
+    DETECTORS,
+    ClassMahalanobisDetector,
+    EnergyDetector,
     Features,
     MahalanobisDetector,
     MLPDetector,
+    MSPDetector,
     SumDetector,
 )
 from torchserve_gradnorm.mar import open_archive
@@ -39,7 +43,17 @@ BIN = Path(sys.executable).parent
 def gaussian_features(n: int, shift: float, seed: int, layers: int = 6) -> Features:
     rng = np.random.default_rng(seed)
     log_norms = rng.normal(size=(n, layers)) + shift
-    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1))
+    logits = rng.normal(size=(n, 3)) * 2 + shift
+    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits)
+
+
+def two_class_features(centers: list[float], n: int, seed: int) -> Features:
+    """Log norms around a per-class center (layers move together), logits naming the class."""
+    rng = np.random.default_rng(seed)
+    classes = np.arange(n) % len(centers)
+    log_norms = np.asarray(centers)[classes, None] + rng.normal(scale=0.2, size=(n, 4))
+    logits = np.eye(len(centers))[classes] * 5 + rng.normal(scale=0.1, size=(n, len(centers)))
+    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits)
 
 
 class TestDetectors:
@@ -75,7 +89,48 @@ class TestDetectors:
         with pytest.raises(ValueError, match="--ood"):
             MLPDetector().fit(gaussian_features(10, 0, 0), None)
 
-    @pytest.mark.parametrize("detector", [SumDetector, MahalanobisDetector, MLPDetector])
+    def test_msp_and_energy_are_the_published_logit_scores(self):
+        features = gaussian_features(20, 0.0, 0)
+        logits = torch.from_numpy(features.logits)
+        np.testing.assert_allclose(
+            MSPDetector().score(features), -torch.softmax(logits, 1).max(1).values.numpy()
+        )
+        np.testing.assert_allclose(
+            EnergyDetector().score(features), -torch.logsumexp(logits, 1).numpy()
+        )
+
+    def test_logit_detectors_need_logits(self):
+        features = gaussian_features(5, 0.0, 0)
+        features.logits = None
+        for detector in (MSPDetector(), EnergyDetector(), ClassMahalanobisDetector()):
+            with pytest.raises(ValueError, match="reads the logits"):
+                detector.fit(features)
+                detector.score(features)
+
+    def test_class_mahalanobis_flags_what_lies_between_classes(self):
+        # two classes far apart: one Gaussian for both is wide enough to take in a sample
+        # halfway between them, one Gaussian per class is not
+        id_fit = two_class_features([0.0, 4.0], 400, 0)
+        id_test = two_class_features([0.0, 4.0], 200, 1)
+        between = two_class_features([2.0, 2.0], 50, 2)
+        pooled, per_class = MahalanobisDetector(), ClassMahalanobisDetector()
+        pooled.fit(id_fit)
+        per_class.fit(id_fit)
+        assert np.median(per_class.score(between)) > np.percentile(per_class.score(id_test), 99)
+        assert np.median(pooled.score(between)) < np.percentile(pooled.score(id_test), 99)
+
+    def test_class_mahalanobis_keeps_classes_never_predicted_out_of_the_minimum(self):
+        fit = two_class_features([0.0, 4.0, 8.0], 300, 0)
+        fit.logits[:, 2] = -10.0  # the third class is never predicted
+        detector = ClassMahalanobisDetector()
+        detector.fit(fit)
+        restored = ClassMahalanobisDetector.from_params(json.loads(json.dumps(detector.params())))
+        assert restored.params()["means"][2] is None
+        probe = two_class_features([8.0, 8.0, 8.0], 10, 1)
+        np.testing.assert_allclose(restored.score(probe), detector.score(probe))
+        assert np.isfinite(detector.score(probe)).all()
+
+    @pytest.mark.parametrize("detector", list(DETECTORS.values()))
     def test_fitted_parameters_round_trip_through_json(self, detector):
         fitted = detector()
         fitted.fit(gaussian_features(50, 0, 0), gaussian_features(50, 1, 1))

@@ -3,6 +3,8 @@ a fingerprint of what the numbers were computed with.
 
 The threshold is the ``tpr`` quantile of the detector's scores on in-distribution data, so
 that a share ``tpr`` of ID samples scores at or below it (``is_ood = score > threshold``).
+Augmented copies of the ID pictures (``--augment``) count as ID, for the fit and the
+threshold alike.
 The fingerprint hashes the weights file and the handler settings that change scores
 (method, parameter filter, temperature, direction, input preprocessing); a served model
 refuses a calibration whose fingerprint differs from its own.
@@ -69,6 +71,8 @@ class Calibration:
     n_id: int
     n_ood: int
     fingerprint: str
+    n_augmented: int = 0
+    """of the ``n_id`` ID samples, how many were augmented copies"""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     format: str = FORMAT
 
@@ -135,6 +139,7 @@ def calibrate(
     config: HandlerConfig,
     parameters: list[str],
     weights_sha256: str,
+    n_augmented: int = 0,
 ) -> Calibration:
     detector.fit(id_features, ood_features)
     id_scores = detector.score(id_features)
@@ -152,6 +157,7 @@ def calibrate(
         n_id=len(id_features),
         n_ood=0 if ood_features is None else len(ood_features),
         fingerprint=fingerprint(weights_sha256, config),
+        n_augmented=n_augmented,
     )
 
 
