@@ -210,13 +210,15 @@ class SixParams(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-def service_calibration(model: nn.Module, weights: str, config=CONFIG) -> Calibration:
+def service_calibration(
+    model: nn.Module, weights: str, config=CONFIG, detector=MahalanobisDetector
+) -> Calibration:
     service = GradNormService(model, config)
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     result = service.scorer.__class__(model, per_layer=True)(x)
     features = Features.from_result(result)
     return calibrate(
-        MahalanobisDetector(), features, None, tpr=0.9, config=config,
+        detector(), features, None, tpr=0.9, config=config,
         parameters=service.scorer.selected, weights_sha256=weights,
     )  # fmt: skip
 
@@ -233,6 +235,21 @@ class TestServedCalibration:
         assert ood["is_ood"] is (ood["score"] > cal.threshold)
         assert service.score_reference == (cal.center, cal.threshold)
         assert "per_layer" not in ood  # computed for the detector, shown only when asked
+
+    @pytest.mark.parametrize("detector", [MSPDetector, EnergyDetector, ClassMahalanobisDetector])
+    def test_detectors_that_read_logits_are_served(self, detector):
+        torch.manual_seed(0)
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64, detector=detector)
+        service = GradNormService(model, CONFIG, calibration=cal, weights_sha256="w" * 64)
+        x = [0.1, 0.2, 0.3, 0.4]
+        reply = service.handle([{"body": json.dumps({"data": x}).encode()}])[0]
+        features = Features.from_result(
+            service.scorer.__class__(model, per_layer=True)(torch.tensor([x]))
+        )
+        expected = cal.build_detector().score(features)[0]
+        assert reply.body["ood"]["detector"] == detector.name
+        assert reply.body["ood"]["score"] == pytest.approx(expected, rel=1e-5)
 
     def test_a_fingerprint_mismatch_is_refused_at_load(self):
         model = SixParams()
@@ -304,12 +321,12 @@ def test_calibrate_into_the_archive_and_load_it_back(demo, tmp_path):
     archive.write_bytes((demo / "digits.mar").read_bytes())
     data = demo / "data"
     out = run(
-        BIN / "gradnorm-calibrate", archive, "--id", data / "id_val",
-        "--ood", data / "ood_fit/noise", "--detector", "mahalanobis",
+        BIN / "gradnorm-calibrate", archive, "--id", data / "id_val", "--augment", "1",
+        "--ood", data / "ood_fit/noise", "--detector", "class_mahalanobis",
         "--into", archive, "--out", tmp_path / "cal.json", "--plot", tmp_path / "hist.png",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "flags" in out.stdout and "OOD noise" in out.stdout
+    assert "270 of them augmented copies" in out.stdout and "OOD noise" in out.stdout
     assert (tmp_path / "hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with zipfile.ZipFile(archive) as mar:
         shipped = Calibration.from_json(mar.read("calibration.json").decode())
@@ -317,7 +334,8 @@ def test_calibrate_into_the_archive_and_load_it_back(demo, tmp_path):
     with open_archive(archive) as opened:
         cal = shipped_calibration(opened.root, opened.config)
         assert cal.fingerprint == fingerprint(opened.weights_sha256(), opened.config)
-        assert cal.n_id == 270 and abs(cal.achieved_tpr - 0.95) <= 0.01
+        assert cal.detector == "class_mahalanobis"
+        assert (cal.n_id, cal.n_augmented) == (540, 270) and abs(cal.achieved_tpr - 0.95) <= 0.01
 
 
 @pytest.mark.slow
@@ -339,21 +357,34 @@ def test_calibrating_into_an_archive_of_other_weights_is_refused(demo, tmp_path)
 
 
 @pytest.mark.slow
-def test_eval_reports_every_detector_and_the_softmax_baseline(demo, tmp_path):
+def test_eval_reports_flagged_shares_and_metrics_per_detector_and_set(demo, tmp_path):
     data = demo / "data"
     out = run(
         BIN / "gradnorm-eval", demo / "digits.mar", "--id", data / "id_test",
-        "--ood", data / "ood_test/noise", "--ood", data / "ood_test/letters",
-        "--fit-id", data / "id_val",
+        "--shift", data / "shift_test/jpeg", "--ood", data / "ood_test/noise",
+        "--ood", data / "ood_test/letters", "--near-ood", data / "ood_test/inverted",
+        "--fit-id", data / "id_val", "--fit-augment", "1",
         "--fit-ood", data / "ood_fit/noise", "--fit-ood", data / "ood_fit/letters",
-        "--json", tmp_path / "eval.json",
+        "--json", tmp_path / "eval.json", "--markdown", tmp_path / "eval.md",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
-    seen = {(r["detector"], r["ood"]) for r in rows}
-    for detector in ("msp", "sum", "mahalanobis", "mlp", "mlp (kind unseen)"):
-        assert {(detector, "noise"), (detector, "letters")} <= seen
-    assert all(0.0 <= r["AUROC"] <= 1.0 for r in rows)
+    kinds = {r["set"]: r["kind"] for r in rows}
+    assert kinds == {
+        "id_test": "ID", "jpeg": "shift", "noise": "far OOD", "letters": "far OOD",
+        "inverted": "near OOD",
+    }  # fmt: skip
+    seen = {(r["detector"], r["set"]) for r in rows}
+    for detector in ("msp", "energy", "sum", "mahalanobis", "mahalanobis, ID only",
+                     "class_mahalanobis", "mlp"):  # fmt: skip
+        assert {(detector, s) for s in kinds} <= seen
+    assert {("mlp (kind unseen)", "noise"), ("mlp (kind unseen)", "letters")} <= seen
+    for r in rows:
+        assert 0.0 <= r["flagged"] <= 1.0
+        assert ("AUROC" in r) == (r["kind"] != "ID")
+    id_flagged = [r["flagged"] for r in rows if r["kind"] == "ID" and r["detector"] == "energy"]
+    assert 0.0 < id_flagged[0] < 0.2  # thresholds sit at 95 % TPR on the fit data
+    assert "| detector | id_test (ID) | jpeg (shift) |" in (tmp_path / "eval.md").read_text()
 
 
 @pytest.mark.slow
