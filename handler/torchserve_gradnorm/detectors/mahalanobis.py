@@ -1,11 +1,13 @@
 r"""``mahalanobis``: unsupervised, ID data only.
 
-A Gaussian :math:`\mathcal{N}(\mu, \Sigma)` fitted to
-:math:`z(x) = (\log \lVert \nabla_{\theta_l}
-\mathcal{L}(x) \rVert)_l`, the log per-layer norms; the score is the Mahalanobis distance
-:math:`s(x) = \sqrt{(z - \mu)^\top \Sigma^{-1} (z - \mu)}`, with :math:`\Sigma` shrunk towards
-its diagonal. Lee & AlRegib's per-layer squared norms (ICIP 2020) used as a feature vector,
-without OOD labels.
+A Gaussian :math:`\mathcal{N}(\mu, \Sigma)` fitted to the log per-layer norms
+
+.. math:: z(x) = \bigl(\log \lVert \nabla_{\theta_l} \mathcal{L}(x) \rVert\bigr)_{l=1..L},
+
+with :math:`\Sigma` shrunk towards its diagonal; the score is the Mahalanobis distance
+:math:`s(x) = \sqrt{(z - \mu)^\top \Sigma^{-1} (z - \mu)}`. Lee & AlRegib's per-layer
+squared norms ("Gradients as a Measure of Uncertainty in Neural Networks", ICIP 2020) used
+as a feature vector, without OOD labels.
 """
 
 from __future__ import annotations
