@@ -33,7 +33,7 @@ clean:
 	rm -rf $(VENV) model_store/*.mar logs build
 
 # The demo archive: the digits CNN under samples/digits, packed with the handler and
-# calibrated on the validation digits and 4 augmented copies of each (no OOD data).
+# calibrated on the validation digits and 8 augmented copies of each (no OOD data).
 # DEMO, STORE and EVAL_MD move the outputs (tests/test_demo_eval.py builds them elsewhere).
 DEMO ?= build/demo
 STORE ?= model_store
@@ -48,7 +48,7 @@ $(STORE)/digits.mar: $(STAMP) samples/digits/model.py samples/digits/digits_cnn.
 	  --model-file samples/digits/model.py --serialized-file samples/digits/digits_cnn.pt \
 	  --config-file samples/digits/model-config.yaml --labels samples/digits/index_to_name.json \
 	  --export-path $(STORE) --force
-	$(BIN)/gradnorm-calibrate $(STORE)/digits.mar --id $(DEMO)/id_val --augment 4 \
+	$(BIN)/gradnorm-calibrate $(STORE)/digits.mar --id $(DEMO)/id_val --augment 8 \
 	  --detector $(DEMO_DETECTOR) --into $(STORE)/digits.mar --out $(DEMO)/calibration.json \
 	  --plot $(DEMO)/calibration.png
 
@@ -66,7 +66,7 @@ eval: $(STORE)/digits.mar
 	  $(foreach s,$(SHIFTS),--shift $(DEMO)/shift_test/$(s)) \
 	  $(foreach s,$(FAR_OOD),--ood $(DEMO)/ood_test/$(s)) \
 	  $(foreach s,$(NEAR_OOD),--near-ood $(DEMO)/ood_test/$(s)) \
-	  --fit-id $(DEMO)/id_val --fit-augment 4 \
+	  --fit-id $(DEMO)/id_val --fit-augment 8 \
 	  $(foreach s,$(FAR_OOD) $(NEAR_OOD),--fit-ood $(DEMO)/ood_fit/$(s)) \
 	  --markdown $(EVAL_MD) --json $(DEMO)/eval.json
 

@@ -5,9 +5,9 @@
 
 Scores go through the archive's own preprocessing and scoring settings. ``--augment`` adds
 COPIES (default 4) augmented renderings of every ID picture (enlarged with another filter,
-turned, moved, strokes, brightness, contrast, JPEG: ``augment.py``) to the ID data, for the
-detector's fit and the threshold, so that benign variation in how clients render a picture
-is not flagged. ``--into`` writes
+turned, moved, strokes, brightness, contrast, JPEG: ``augment.py``) to the data the detector
+is fitted on, so that benign variation in how clients render a picture is not flagged; the
+threshold stays at ``--tpr`` of the ID pictures as given. ``--into`` writes
 the calibration into an archive (as calibration.json), so the served model flags OOD with
 no further step; the archive must hold the same weights and scoring settings.
 """
@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{cal.detector}: threshold {cal.threshold:.6g} flags {1 - cal.achieved_tpr:.1%} "
         f"of {cal.n_id} ID samples (target TPR {cal.tpr:g}, reached {cal.achieved_tpr:.3f})"
-        + (f", {cal.n_augmented} of them augmented copies" if cal.n_augmented else "")
+        + (f"; fitted with {cal.n_augmented} augmented copies too" if cal.n_augmented else "")
     )
     ood_scores = {name: detector.score(s.features) for name, s in scored_ood.items()}
-    id_scores = detector.score(id_features)
+    id_scores = detector.score(id_features)[: cal.n_id]
     for name, scores in ood_scores.items():
         labels = np.r_[np.zeros(len(id_scores)), np.ones(len(scores))]
         auroc = ood_metrics(np.r_[id_scores, scores], labels)["AUROC"]

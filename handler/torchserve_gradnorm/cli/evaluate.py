@@ -19,7 +19,8 @@ which case ``mahalanobis, ID only`` is also fitted without them); ``mlp`` (train
 evaluated OOD set: an mlp trained on the other kinds only, the honest number for OOD nobody
 labelled); and ``shipped (...)``, the archive's own calibration with its own threshold.
 The other detectors' thresholds sit at the shipped calibration's TPR (0.95 without one)
-on the data they were fitted on (--fit-id, with its augmented copies if asked).
+on the --fit-id samples (as gradnorm-calibrate sets them: augmented copies shape the fit,
+not the threshold).
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ class Candidate:
     threshold: float | None
 
 
-def fitted(detector: Detector, fit: Features, tpr: float) -> Candidate:
+def fitted(detector: Detector, fit: Features, plain: Features, tpr: float) -> Candidate:
+    """Fitted on ``fit``, threshold at ``tpr`` of the un-augmented ``plain`` samples."""
     detector.fit(fit)
-    return Candidate(detector, threshold_at_tpr(detector.score(fit), tpr))
+    return Candidate(detector, threshold_at_tpr(detector.score(plain), tpr))
 
 
 def evaluate(
@@ -215,11 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 fit = Features.concat([plain, augmented.features])
             for detector in (MSPDetector(), EnergyDetector(), SumDetector()):
-                candidates[detector.name] = fitted(detector, fit, tpr)
+                candidates[detector.name] = fitted(detector, fit, plain, tpr)
             if args.fit_augment:
-                candidates["mahalanobis, ID only"] = fitted(MahalanobisDetector(), plain, tpr)
-            candidates["mahalanobis"] = fitted(MahalanobisDetector(), fit, tpr)
-            candidates["class_mahalanobis"] = fitted(ClassMahalanobisDetector(), fit, tpr)
+                candidates["mahalanobis, ID only"] = fitted(
+                    MahalanobisDetector(), plain, plain, tpr
+                )
+            candidates["mahalanobis"] = fitted(MahalanobisDetector(), fit, plain, tpr)
+            candidates["class_mahalanobis"] = fitted(ClassMahalanobisDetector(), fit, plain, tpr)
             if args.fit_ood:
                 fit_ood = score_folders(scorer, decoder, args.fit_ood, args.batch_size)
                 mlp = MLPDetector()
