@@ -1,7 +1,7 @@
 """gradnorm-calibrate: fit a detector and its threshold on in-distribution data.
 
     gradnorm-calibrate ARCHIVE --id DIR [--augment [COPIES]] [--ood DIR ...] [--tpr 0.95]
-        [--detector NAME] [--out FILE] [--into ARCHIVE] [--plot PNG]
+        [--detector NAME (default class_mahalanobis)] [--out FILE] [--into ARCHIVE] [--plot PNG]
 
 Scores go through the archive's own preprocessing and scoring settings. ``--augment`` adds
 COPIES (default 4) augmented renderings of every ID picture (enlarged with another filter,
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ood", action="append", default=[], help="folder of OOD samples (repeatable)")
     p.add_argument("--tpr", type=float, default=0.95, help="share of ID samples not flagged")
-    p.add_argument("--detector", choices=list(DETECTORS), default="sum")
+    p.add_argument("--detector", choices=list(DETECTORS), default="class_mahalanobis")
     p.add_argument("--out", help=f"write the calibration JSON here (default {FILENAME})")
     p.add_argument("--into", help="write the calibration into this .mar")
     p.add_argument("--plot", help="write a PNG of the ID and OOD score histograms")
