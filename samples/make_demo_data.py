@@ -121,16 +121,12 @@ def shift_sets(rng: np.random.Generator, digits: np.ndarray) -> dict[str, list[I
             jpeg(enlarged(p, 32, Image.Resampling.BILINEAR), int(rng.integers(50, 81)))
             for p in pictures
         ],
-        "rotate": [
-            p.rotate(sign() * rng.uniform(4, 12), Image.Resampling.BILINEAR) for p in big
-        ],
+        "rotate": [p.rotate(sign() * rng.uniform(4, 12), Image.Resampling.BILINEAR) for p in big],
         "translate": [translate(p) for p in big],
         "thick": [p.filter(ImageFilter.MaxFilter(int(rng.choice([3, 5])))) for p in big],
         "thin": [p.filter(ImageFilter.MinFilter(int(rng.choice([3, 5])))) for p in big],
         "contrast": [ImageEnhance.Contrast(p).enhance(rng.uniform(0.5, 0.8)) for p in pictures],
-        "brightness": [
-            ImageEnhance.Brightness(p).enhance(rng.uniform(0.6, 1.4)) for p in pictures
-        ],
+        "brightness": [ImageEnhance.Brightness(p).enhance(rng.uniform(0.6, 1.4)) for p in pictures],
     }
 
 
