@@ -1,4 +1,4 @@
-"""Train DigitsCNN on scikit-learn's 8x8 digits, reproducibly, in a few seconds on 2 CPU cores.
+"""Train DigitsCNN on scikit-learn's 8x8 digits, reproducibly, in about 20 s of CPU time.
 
 Usage: python samples/digits/train.py [--out DIR]
 
