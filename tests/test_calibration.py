@@ -162,6 +162,25 @@ class TestCalibrationFile:
         assert abs((scores <= cal.threshold).mean() - tpr) <= 0.01
         assert cal.achieved_tpr == pytest.approx((scores <= cal.threshold).mean())
 
+    def test_augmented_copies_shape_the_fit_but_not_the_threshold(self):
+        plain, copies = gaussian_features(200, 0.0, 0), gaussian_features(600, 1.0, 1)
+        cal = calibrate(
+            MahalanobisDetector(), Features.concat([plain, copies]), None, tpr=0.9,
+            config=CONFIG, parameters=[f"p{i}" for i in range(6)], weights_sha256="a" * 64,
+            n_augmented=600,
+        )  # fmt: skip
+        detector = cal.build_detector()
+        assert (cal.n_id, cal.n_augmented) == (200, 600)
+        assert cal.threshold == threshold_at_tpr(detector.score(plain), 0.9)
+        plain_only = MahalanobisDetector()
+        plain_only.fit(plain)
+        assert not np.allclose(detector.mean, plain_only.mean)  # the copies moved the fit
+
+    def test_calibration_files_from_before_augmentation_still_load(self):
+        data = json.loads(make_calibration().to_json())
+        del data["n_augmented"]
+        assert Calibration.from_json(json.dumps(data)).n_augmented == 0
+
     def test_threshold_at_tpr_rejects_a_rate_outside_zero_one(self):
         with pytest.raises(ValueError, match="tpr"):
             threshold_at_tpr(np.arange(10.0), 1.5)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=4,
         default=0,
         metavar="COPIES",
-        help="add COPIES (default 4) augmented copies of every ID picture to the ID data",
+        help="also fit on COPIES (default 4) augmented copies of every ID picture",
     )
     p.add_argument("--ood", action="append", default=[], help="folder of OOD samples (repeatable)")
     p.add_argument("--tpr", type=float, default=0.95, help="share of ID samples not flagged")
