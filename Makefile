@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format archive eval serve bench load clean
+.PHONY: install test lint format archive eval serve bench bench-readme load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Fails with one line per missing prerequisite (tests/prerequisites.py) instead of skipping
+# tests; -rs lists what was skipped and why (only hardware CI cannot have: a CUDA device).
+test: $(STAMP) test-tools
+	$(BIN)/python tests/prerequisites.py
 	$(BIN)/ruff check handler tests samples bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check handler tests samples bench
@@ -70,30 +73,41 @@ eval: $(STORE)/digits.mar
 	  $(foreach s,$(FAR_OOD) $(NEAR_OOD),--fit-ood $(DEMO)/ood_fit/$(s)) \
 	  --markdown $(EVAL_MD) --json $(DEMO)/eval.json
 
-# TorchServe in the foreground with the demo model; Ctrl-C stops it.
+# TorchServe with the demo model: fails unless a prediction is answered, then stays in the
+# foreground; Ctrl-C stops it.
 serve: model_store/digits.mar
 	@PATH="$(CURDIR)/$(BIN):$$PATH" sh samples/serve.sh
 
-# Monitoring: Prometheus for the scrape test (tests/test_prometheus.py) and promtool for the
-# alert-rule unit tests (monitoring/*test*.yml). `make test` installs the Debian package
-# `prometheus` when promtool is missing (as root, or with password-less sudo); where that is
-# impossible it says so, promtool's tests are skipped and the Prometheus test skips itself.
-.PHONY: prometheus monitoring-test
+# Programs the tests need that pip cannot install: Java (TorchServe's frontend, for the
+# server tests) and the Debian package `prometheus` (promtool for the alert-rule unit tests
+# monitoring/*test*.yml, Prometheus for the scrape test). Installed with apt-get when missing,
+# as root or with password-less sudo; where that is impossible `make test` stops and says
+# what to install.
+# $(call apt_install,PROGRAM,PACKAGE): install PACKAGE unless PROGRAM is found.
+define apt_install
+	@command -v $(1) >/dev/null 2>&1 || [ -x /usr/bin/$(1) ] || { \
+	  command -v apt-get >/dev/null 2>&1 \
+	    || { echo "make test: $(1) not found and no apt-get to install $(2): install $(2)" >&2; exit 1; }; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "installing the Debian package $(2) (for $(1))"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      $$SUDO apt-get install -y -qq --no-install-recommends $(2) >/dev/null; } \
+	    || { echo "make test: $(1) not found and apt-get could not install $(2) (see above; it needs root or password-less sudo): install $(2)" >&2; exit 1; }; \
+	  command -v $(1) >/dev/null 2>&1 || [ -x /usr/bin/$(1) ] \
+	    || { echo "make test: $(2) installed but $(1) is still not found" >&2; exit 1; }; }
+endef
+
+.PHONY: test-tools java prometheus monitoring-test
+test-tools: java prometheus
+
+java:
+	$(call apt_install,java,default-jre-headless)
+
 prometheus:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "promtool not found and no apt-get: the Prometheus tests will be skipped"; \
-	  else \
-	    SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-	    { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	        $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-	      || echo "could not install the prometheus package: the Prometheus tests will be skipped"; \
-	  fi; }
+	$(call apt_install,promtool,prometheus)
 
 monitoring-test: prometheus
-	@if command -v promtool >/dev/null 2>&1; then \
-	  promtool check rules monitoring/alerts.yml && promtool test rules monitoring/*test*.yml; \
-	else echo "promtool not found: skipping promtool test rules monitoring/*test*.yml"; fi
+	cd monitoring && promtool check rules alerts.yml && promtool test rules *test*.yml
 
 test: monitoring-test
 
@@ -105,13 +119,23 @@ kserve-store: model_store/digits.mar
 	cp deploy/kserve/config.properties metrics.yaml build/kserve/config/
 	cp model_store/digits.mar build/kserve/model-store/
 
+# Per-sample scoring on the model zoo against pytorch-ood, BackPACK and plain passes, CPU,
+# 2 threads, every model, both methods (bench/README.md); about 15 minutes on a quiet machine
+# (no case starts after 19).
+# Writes the committed bench/results/cpu-2threads.{json,md}; `make bench-readme` then renders
+# the README's performance table from it. Subsets: PYTHONPATH=bench python -m gradnorm_bench
+# --models ... --impls ... (writes bench/results/latest-cpu.*, not committed).
+BENCH := PYTHONPATH=bench $(BIN)/python -m gradnorm_bench
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BENCH) --threads 2 --time-limit-min 19 --out bench/results/cpu-2threads.json
+
+bench-readme: $(STAMP)
+	PYTHONPATH=bench $(BIN)/python -m gradnorm_bench.readme README.md \
+	  bench/results/cpu-2threads.json $(wildcard bench/results/gpu-*.json)
+
 # Load test over loopback: 2,000 requests per model at concurrency 16 against the demo
 # model served plain (forward only), with the head-only filter and with every parameter;
 # checks every answer by content, prints throughput and p50/p99, fails on any error.
-# Per-sample norm timings and memory against pytorch-ood, BackPACK and plain passes (CPU).
-bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/gradnorm-bench --threads 2 --retry-contended 2 --out bench/results/cpu-2threads.json
-
 load: $(STAMP)
 	$(BIN)/python bench/load.py --requests 2000 --concurrency 16 --timeout-s 300

@@ -1,87 +1,204 @@
-"""gradnorm-bench end to end on the tiny MLP (--quick): every implementation is timed,
-its scores agree with the fast backend, and the ratios are written."""
+"""The benchmark (bench/gradnorm_bench) end to end at tiny sizes: every implementation runs and
+agrees with auto, every zoo model builds and scores, failures are rows rather than crashes,
+and the README's performance block is the rendering of the committed results."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from torchserve_gradnorm.cli import bench
+from gradnorm_bench import cli, impls, plan, readme, report
+from gradnorm_bench.impls import IMPLS, Skip
+from gradnorm_bench.zoo import ZOO
 
-HAVE = {m: importlib.util.find_spec(m) is not None for m in ("pytorch_ood", "backpack")}
-
-
-def _ok(cases, impl, method=None):
-    return [
-        c
-        for c in cases
-        if c["impl"] == impl and (method is None or c["method"] == method) and c["status"] == "ok"
-    ]
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_mlp_writes_every_implementation(tmp_path, capsys):
+def _run(tmp_path: Path, *argv: str) -> dict:
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--models", "mlp", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    cases = result["cases"]
+    assert cli.main(["--quick", *argv, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
 
-    for impl, spec in bench.IMPLS.items():
-        missing_lib = [m for m in spec.needs if not HAVE.get(m, True)]
-        if missing_lib:
-            skipped = [c for c in cases if c["impl"] == impl]
-            assert skipped and all(c["status"] == "skipped" for c in skipped)
-            assert all(missing_lib[0] in c["reason"].lower() for c in skipped)
-            continue
-        methods = ["-"] if not spec.per_method else list(spec.methods)
-        for method in methods:
-            (case,) = _ok(cases, impl, method)
-            assert case["median_ms"] > 0 and all(t > 0 for t in case["times_ms"])
-            assert case["peak_mb"] is not None
+
+def _by_key(result: dict) -> dict[tuple[str, str], dict]:
+    return {(c["impl"], c["method"]): c for c in result["cases"]}
+
+
+def test_every_implementation_runs_on_the_mlp_and_agrees_with_auto(tmp_path, capsys):
+    result = _run(tmp_path, "--models", "mlp", "--impls", "all")
+    cases = _by_key(result)
+
+    for name, spec in IMPLS.items():
+        for method in spec.methods if spec.per_method else ["-"]:
+            case = cases[(name, method)]
+            assert case["status"] == "ok", case  # pytorch-ood and BackPACK included
+            assert case["median_ms"] > 0 and case["runs"] == 1 and case["peak_mb"] is not None
             if spec.check:
-                assert case["check"]["ok"], case["check"]
+                assert case["check"]["ok"] and case["check"]["against"] == "auto", case
+    # BackPACK has no L1 norm: its kl case is a row saying so
+    assert cases[("backpack", "kl")]["status"] == "skipped"
+    assert "L1" in cases[("backpack", "kl")]["reason"]
 
-    # BackPACK has no L1 norm: the kl case is listed as skipped, with a reason
-    (bp_kl,) = [c for c in cases if c["impl"] == "backpack" and c["method"] == "kl"]
-    assert bp_kl["status"] == "skipped" and bp_kl["reason"]
-
-    ratios = {(r["method"], r["ratio"]): r for r in result["ratios"]}
-    wanted = ["fast/fwd+bwd", "fast-head/forward", "fast/vmap"]
-    wanted += ["fast/pytorch-ood"] if HAVE["pytorch_ood"] else []
-    for name in wanted:
-        for method in ("confounding", "kl"):
-            assert ratios[(method, name)]["time"] > 0
-    if HAVE["backpack"]:
-        assert ratios[("confounding", "fast/backpack")]["time"] > 0
-        assert ("kl", "fast/backpack") not in ratios
+    for method in ("confounding", "kl"):
+        auto = cases[("auto", method)]
+        assert auto["backend"] == "fast"
+        assert auto["base"] == "fwd+bwd"
+        assert auto["time_vs_base"] == pytest.approx(
+            auto["median_ms"] / cases[("fwd+bwd", "-")]["median_ms"]
+        )
+        head = cases[("auto-head", method)]
+        assert head["base"] == "forward"
+        assert head["time_vs_base"] == pytest.approx(
+            head["median_ms"] / cases[("forward", "-")]["median_ms"]
+        )
+    ratios = {(r["method"], r["ratio"]) for r in result["ratios"]}
+    for name in ("auto/fwd+bwd", "auto-head/forward", "auto/vmap", "auto/pytorch-ood"):
+        assert {("confounding", name), ("kl", name)} <= ratios
+    assert ("confounding", "auto/backpack") in ratios and ("kl", "auto/backpack") not in ratios
 
     meta = result["meta"]
-    assert meta["device"] == "cpu" and meta["threads"] == 2 and meta["torch"]
-    assert meta["device_name"] and meta["date"]
-    assert out.with_suffix(".md").read_text().startswith("# gradnorm-bench")
-    printed = capsys.readouterr().out
-    assert "median ms" in printed and "fast/fwd+bwd" in printed
+    assert meta["device"] == "cpu" and meta["threads"] == 2 and meta["command"]
+    assert meta["pytorch_ood"] and meta["backpack"]
+    md = (tmp_path / "bench.md").read_text()
+    assert md.startswith("# gradnorm-bench") and "| mlp |" in md
+    assert "median ms" in capsys.readouterr().out
 
 
-def test_subprocess_isolation_and_missing_library(tmp_path, monkeypatch):
-    """The CPU default: one subprocess per case; an unimportable library is a skip."""
-    real = bench._library_problem
+@pytest.mark.slow
+def test_every_zoo_model_builds_runs_and_gets_an_auto_row(tmp_path):
+    """The benchmark's side only: whether auto scores a model exactly is the engine's tests'
+    job; here auto's row says ok with the backend it ran, or error with the reason."""
+    argv = ["--models", "all", "--impls", "forward", "fwd+bwd", "auto", "--methods", "kl"]
+    cases = _run(tmp_path, *argv)["cases"]
+    assert {c["model"] for c in cases} == set(ZOO)
+    for case in cases:
+        if case["impl"] == "auto":
+            assert case["status"] in ("ok", "error"), case
+            if case["status"] == "ok":
+                assert case["backend"] in ("fast", "vmap", "loop")
+            else:
+                assert case["reason"]
+        else:
+            assert case["status"] == "ok", case
+
+
+def test_a_case_in_a_process_of_its_own_reports_memory_and_cpu_time(tmp_path):
+    result = _run(
+        tmp_path,
+        "--models", "mlp", "--methods", "kl", "--impls", "auto", "pytorch-ood",
+        "--isolation", "process",
+    )  # fmt: skip
+    for case in result["cases"]:
+        assert case["status"] == "ok", case
+        assert case["case_cpu_s"] > 0 and case["cpu_ms"] > 0
+    assert _by_key(result)[("pytorch-ood", "kl")]["check"]["ok"]
+
+
+def test_a_failing_implementation_is_an_error_row_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(model, x, method, opts):
+        raise RuntimeError("broken on purpose")
+
+    def refusing(model, x, method, opts):
+        raise Skip("cannot run here")
+
+    monkeypatch.setitem(IMPLS, "vmap", impls.ImplSpec("vmap", "broken", broken))
+    monkeypatch.setitem(IMPLS, "loop", impls.ImplSpec("loop", "refusing", refusing))
+    cases = _by_key(_run(tmp_path, "--models", "mlp", "--methods", "kl"))
+    assert cases[("vmap", "kl")]["status"] == "error"
+    assert "broken on purpose" in cases[("vmap", "kl")]["reason"]
+    assert cases[("loop", "kl")]["status"] == "skipped"
+    assert cases[("loop", "kl")]["reason"] == "cannot run here"
+    assert cases[("auto", "kl")]["status"] == "ok"
+
+
+def test_an_unimportable_library_is_a_skip_that_names_it(monkeypatch):
+    real = plan.library_problem
     monkeypatch.setattr(
-        bench,
-        "_library_problem",
+        plan,
+        "library_problem",
         lambda m: "pytorch_ood is not importable (test)" if m == "pytorch_ood" else real(m),
     )
-    out = tmp_path / "iso.json"
-    argv = ["--quick", "--models", "mlp", "--methods", "kl", "--isolation", "subprocess"]
-    argv += ["--impls", "fast", "pytorch-ood", "--out", str(out)]
-    assert bench.main(argv) == 0
-    cases = {c["impl"]: c for c in json.loads(out.read_text())["cases"]}
-    assert cases["fast"]["status"] == "ok" and cases["fast"]["median_ms"] > 0
-    assert cases["pytorch-ood"]["status"] == "skipped"
-    assert "not importable" in cases["pytorch-ood"]["reason"]
+    args = cli.build_parser().parse_args(["--quick", "--models", "mlp"])
+    args.scores_dir = None
+    cli._defaults(args)
+    cases = plan.plan_cases(args)
+    ood = [c for c in cases if c["impl"] == "pytorch-ood"]
+    assert ood and all(c["status"] == "skipped" for c in ood)
+    assert all("pytorch_ood is not importable" in c["reason"] for c in ood)
+
+
+def test_vmap_and_loop_run_on_the_big_models_only_when_asked():
+    parser = cli.build_parser()
+
+    def planned(*argv: str) -> dict[str, dict]:
+        args = parser.parse_args(["--models", "vit-b16", "--methods", "kl", *argv])
+        args.scores_dir = None
+        cli._defaults(args)
+        return {c["impl"]: c for c in plan.plan_cases(args)}
+
+    default = planned()
+    assert default["vmap"]["status"] == "skipped" and "--with-vmap" in default["vmap"]["reason"]
+    assert default["loop"]["status"] == "skipped" and "--with-loop" in default["loop"]["reason"]
+    assert "status" not in planned("--with-vmap", "--with-loop")["vmap"]
+    assert "status" not in planned("--impls", "loop")["loop"]
 
 
 def test_unknown_names_are_refused():
     with pytest.raises(SystemExit):
-        bench.main(["--quick", "--models", "nope"])
+        cli.main(["--quick", "--models", "nope"])
+
+
+def test_the_readme_table_renders_a_results_file(tmp_path):
+    result = _run(tmp_path, "--models", "mlp", "--methods", "confounding")
+    table = readme.render_table(result, "bench/results/x.json")
+    assert "MLP 784-512-512-10" in table and "(fast)" in table
+    text = f"intro\n{readme.BEGIN}\nold\n{readme.END}\noutro\n"
+    assert (
+        readme.replace_block(text, table)
+        == f"intro\n{readme.BEGIN}\n{table}\n{readme.END}\noutro\n"
+    )
+
+
+def test_the_readme_performance_block_is_rendered_from_the_committed_results():
+    results = sorted((ROOT / "bench/results").glob("cpu-*.json"))
+    results += sorted((ROOT / "bench/results").glob("gpu-*.json"))
+    assert readme.main([str(ROOT / "README.md"), *map(str, results), "--check"]) == 0
+
+
+def test_results_files_named_in_the_docs_are_not_ignored_by_git():
+    named = set()
+    for doc in ("README.md", "bench/README.md"):
+        for word in (ROOT / doc).read_text().replace("(", " ").replace(")", " ").split():
+            word = word.strip("`[],.:;")
+            if word.startswith("bench/results/") and "*" not in word and "<" not in word:
+                named.add(word)
+    assert named
+    for path in sorted(named):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 1, f"{path} is named in the docs but ignored by git"
+
+
+def test_targets_are_judged_from_the_run_and_a_failed_auto_misses_them():
+    def case(impl, method, ms, mb=100.0, **extra):
+        return {"model": "vit-b16", "method": method, "impl": impl, "status": "ok",
+                "median_ms": ms, "peak_mb": mb, **extra}  # fmt: skip
+
+    cases = [
+        case("forward", "-", 10.0),
+        case("fwd+bwd", "-", 30.0),
+        case("auto", "confounding", 36.0, 140.0, backend="fast"),
+        case("auto-head", "confounding", 12.0),
+        {"model": "vit-b16", "method": "kl", "impl": "auto", "status": "error", "reason": "x"},
+        case("auto", "confounding", 1.0, model="mlp"),  # toys have no targets
+    ]
+    targets = report.evaluate_targets(cases, report.compute_ratios(cases), quick=False)
+    got = {(t["method"], t["target"]): (t["value"], t["met"]) for t in targets}
+    assert {t["model"] for t in targets} == {"vit-b16"}
+    assert got[("confounding", "auto runs the fast path")] == ("fast", True)
+    assert got[("confounding", "auto <= 1.3x forward+backward")] == (pytest.approx(1.2), True)
+    assert got[("confounding", "auto peak memory <= 1.5x forward+backward's")][1] is True
+    assert got[("confounding", "head-only <= 1.1x plain forward")] == (pytest.approx(1.2), False)
+    assert got[("kl", "auto runs the fast path")] == ("error", False)

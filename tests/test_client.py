@@ -68,11 +68,11 @@ class FakeTorchServe(BaseHTTPRequestHandler):
                 },
             )
         elif self.headers.get("Authorization") != f"Bearer {TOKEN}":
-            # TorchServe's own error shape, not the handler's
+            # TorchServe 0.12's own answer (tests/test_server.py checks it), not the handler's
             status, reply = (
-                401,
+                400,
                 {
-                    "code": 401,
+                    "code": 400,
                     "type": "InvalidKeyException",
                     "message": "Token Authorization failed. Token either incorrect, expired, or "
                     "not provided correctly",
@@ -272,7 +272,7 @@ def test_no_token_sends_no_authorization_header(server, pictures, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert server.received[0]["auth"] is None
-    assert "HTTP 401: Token Authorization failed." in out
+    assert "HTTP 400: Token Authorization failed." in out
 
 
 def test_a_wrong_key_is_refused_by_the_server(server, pictures, capsys):
@@ -281,7 +281,7 @@ def test_a_wrong_key_is_refused_by_the_server(server, pictures, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert code == 1
     assert len(lines) == 4
-    assert all(" HTTP 401: Token Authorization failed." in line for line in lines[1:])
+    assert all(" HTTP 400: Token Authorization failed." in line for line in lines[1:])
 
 
 @pytest.mark.parametrize(

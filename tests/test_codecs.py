@@ -571,3 +571,62 @@ def test_example_is_a_zero_batch_of_the_input_shape():
     assert example is not None and example.shape == (1, 3, 4, 5)
     assert tensor_decoder(dtype="int64").example().dtype == torch.int64
     assert make_decoder(mode="L").example() is None
+
+
+# --- what the error says about the body that was sent ----------------------------------------
+
+MALFORMED_JSON = b'{"data": [[1,2,'
+
+
+@pytest.mark.parametrize("kind", ["image", "tensor"])
+@pytest.mark.parametrize(
+    "payload", [MALFORMED_JSON, bytearray(MALFORMED_JSON), MALFORMED_JSON.decode()],
+    ids=["bytes", "bytearray", "text"],
+)  # fmt: skip
+def test_malformed_json_is_reported_as_json_with_where_it_broke(kind, payload):
+    error = refusal(make_decoder(kind=kind), payload)
+    assert error.status == 400
+    assert error.message == "the body is not valid JSON: Expecting value at line 1, column 16"
+
+
+def test_a_json_error_on_a_later_line_names_that_line():
+    body = b'{\n  "data": [1, 2],\n  "extra": tru\n}'
+    error = refusal(tensor_decoder(), body)
+    assert error.message.startswith("the body is not valid JSON: ")
+    assert error.message.endswith("at line 3, column 12")
+
+
+def test_json_with_a_byte_order_mark_or_leading_blanks_is_read():
+    body = b'\xef\xbb\xbf \n{"data": [[1, 2, 3], [4, 5, 6]]}'
+    assert tensor_decoder().decode(body).samples.shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "request_dict",
+    [{}, {"body": b""}, {"data": bytearray()}, {"body": ""}, {"body": "  \n"}, {"data": b" \t"}],
+    ids=["no-field", "raw", "form", "text", "blank-text", "blank-bytes"],
+)
+def test_an_empty_body_gets_one_message_however_it_was_sent(request_dict):
+    with pytest.raises(RequestError) as info:
+        make_decoder().decode(request_payload(request_dict))
+    assert info.value.status == 400
+    assert info.value.message == "the body is empty: send a picture, .npy or JSON"
+
+
+def test_a_body_that_is_no_picture_npy_or_json_says_so():
+    error = refusal(make_decoder(), b"hello, model")
+    assert error.status == 400
+    assert error.message == (
+        "the body is neither a picture (PNG, JPEG, GIF, BMP, WebP, TIFF), .npy nor JSON"
+    )
+    error = refusal(tensor_decoder(), b"hello, model")
+    assert error.message == "the body is neither .npy nor JSON (this model takes tensors)"
+
+
+def test_a_broken_picture_and_a_broken_npy_are_named_as_such():
+    picture = encode(noise(32, 32))
+    assert refusal(make_decoder(), picture[:100]).message.startswith("cannot decode the picture: ")
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3), dtype=np.float32))
+    truncated = buffer.getvalue()[:-5]
+    assert refusal(tensor_decoder(), truncated).message.startswith("cannot decode the .npy array: ")

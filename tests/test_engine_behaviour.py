@@ -143,13 +143,19 @@ class TestOrientationAndOutputs:
         result = GradNormScorer(small_model(), direction="high_norm_is_ood")(batch())
         torch.testing.assert_close(result.ood_score, result.grad_norm)
 
-    def test_a_uniform_prediction_has_zero_norm_and_the_highest_ood_score(self):
+    @pytest.mark.parametrize("method", ["confounding", "kl"])
+    def test_a_uniform_prediction_has_zero_norm_and_the_highest_ood_score(self, method):
+        x = batch()
+        peaked = GradNormScorer(small_model(), method=method)(x)
         model = small_model()
         with torch.no_grad():
             model[4].weight.zero_()
             model[4].bias.zero_()
-        result = GradNormScorer(model, param_filter="head")(batch())
-        assert torch.all(result.grad_norm == 0)
+        uniform = GradNormScorer(model, method=method)(x)  # every parameter, not just the head
+        assert torch.all(uniform.grad_norm == 0) and torch.all(uniform.ood_score == 0)
+        # a norm is >= 0, so 0 is the largest score there is; any peaked prediction is below
+        assert torch.all(peaked.grad_norm > 0)
+        assert torch.all(peaked.ood_score < uniform.ood_score)
 
     def test_per_layer_entries_sum_to_the_grad_norm(self):
         model = small_model()
@@ -164,12 +170,24 @@ class TestOrientationAndOutputs:
 class TestNumerics:
     @pytest.mark.parametrize("backend", ["fast", "vmap", "loop"])
     @pytest.mark.parametrize("method", ["confounding", "kl"])
-    def test_saturated_logits_give_finite_scores(self, backend, method):
+    def test_saturated_logits_score_the_closed_form(self, backend, method):
+        # logits ~1e4 in float32: the softmax is one-hot to the last bit. One Linear layer W x
+        # + b: the per-sample gradient is g x^T and g, with g = dL/dz, so the confounding norm
+        # is |g|_2^2 (|x|_2^2 + 1) and the kl norm |g|_1 (|x|_1 + 1).
+        torch.manual_seed(0)
         model = nn.Linear(4, 10)
         with torch.no_grad():
             model.weight.mul_(1e4)
-        result = GradNormScorer(model, method=method, backend=backend)(torch.randn(6, 4))
-        assert torch.isfinite(result.grad_norm).all() and (result.grad_norm > 0).all()
+        x = torch.randn(6, 4)
+        z = model(x).detach().double()
+        p = torch.softmax(z, dim=1)
+        if method == "confounding":
+            closed_form = (10 * p - 1).square().sum(1) * (x.double().square().sum(1) + 1)
+        else:
+            closed_form = (p - 0.1).abs().sum(1) * (x.double().abs().sum(1) + 1)
+        assert torch.all(p.max(1).values == 1.0)  # saturated indeed
+        result = GradNormScorer(model, method=method, backend=backend)(x)
+        torch.testing.assert_close(result.grad_norm.double(), closed_form, rtol=1e-5, atol=0)
 
     def test_saturated_confounding_score_equals_the_closed_form(self):
         # one Linear layer on x: grad wrt W is (C p - 1) x^T, so |.|^2 = |C p - 1|^2 |x|^2

@@ -6,13 +6,13 @@ import warnings
 
 import pytest
 import torch
+from pytorch_ood.detector import GradNorm, GradUncertainty
 
 from torchserve_gradnorm import GradNormScorer
 
 from models import TinyEncoder, TinyTransformer, mlp, resnet18_32
 
 warnings.filterwarnings("ignore", category=UserWarning)
-pytorch_ood = pytest.importorskip("pytorch_ood.detector")
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 
@@ -23,8 +23,8 @@ def reference(model, x, method, param_filter, temperature=1.0):
         names = GradNormScorer(model, param_filter=param_filter, backend="loop").selected
         keep = set(names).__contains__
     if method == "confounding":
-        return -pytorch_ood.GradUncertainty(model, param_filter=keep).predict(x)
-    return -pytorch_ood.GradNorm(model, param_filter=keep, temperature=temperature).predict(x)
+        return -GradUncertainty(model, param_filter=keep).predict(x)
+    return -GradNorm(model, param_filter=keep, temperature=temperature).predict(x)
 
 
 def make_case(name: str, dtype: torch.dtype):

@@ -5,14 +5,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pytorch_ood.metrics import OODMetrics
 
 from torchserve_gradnorm.evaluation import ood_metrics
 
-metrics_module = pytest.importorskip("pytorch_ood.metrics")
-
 
 def reference(scores, is_ood):
-    m = metrics_module.OODMetrics()
+    m = OODMetrics()
     m.update(torch.tensor(scores), torch.tensor(np.where(is_ood, -1, 0)))
     return m.compute()
 

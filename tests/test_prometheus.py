@@ -7,9 +7,9 @@ and promtool checks and unit-tests the rules."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import yaml
+from prerequisites import find_program, require
 from torchserve_harness import (
     REPO,
     TorchServe,
@@ -28,6 +30,9 @@ from torchserve_harness import (
     free_port,
     serving,
 )
+
+from torchserve_gradnorm.calibration import Calibration
+from torchserve_gradnorm.metrics import score_ratio
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana/torchserve-gradnorm.json"
@@ -41,33 +46,22 @@ N = len(ID_PICTURES) + len(OOD_PICTURES)
 K = len(OOD_PICTURES)
 
 
-def find(tool: str) -> str | None:
-    return shutil.which(tool) or next(
-        (str(p) for p in (Path("/usr/bin") / tool, Path("/usr/local/bin") / tool) if p.exists()),
-        None,
-    )
-
-
-PROMETHEUS = find("prometheus")
-PROMTOOL = find("promtool")
-NO_PROMETHEUS = (
-    "Prometheus not found (no `prometheus` on PATH or in /usr/bin): `make test` installs the "
-    "Debian package `prometheus` when it runs as root with apt-get; install it to run this test"
-)
-
-
 # --- static checks: the files under monitoring/ ---
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS.replace("Prometheus", "promtool"))
 def test_promtool_checks_the_config_and_unit_tests_the_alert_rules():
+    require("promtool")
     for command in (
         ["check", "config", "prometheus.yml"],
         ["check", "rules", "alerts.yml"],
         ["test", "rules", *sorted(p.name for p in MONITORING.glob("*test*.yml"))],
     ):
         r = subprocess.run(
-            [PROMTOOL, *command], cwd=MONITORING, capture_output=True, text=True, timeout=60
+            [find_program("promtool"), *command],
+            cwd=MONITORING,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert r.returncode == 0, r.stdout + r.stderr
 
@@ -81,10 +75,49 @@ def dashboard_targets() -> list[tuple[str, dict]]:
     ]
 
 
-def test_the_grafana_dashboard_is_importable_as_is():
+# Import/export fields outside the dashboard model: Grafana's export header and the id, null
+# so that an import creates a new dashboard.
+IMPORT_FIELDS = {"__requires", "id"}
+
+
+def schema_differences(ours, theirs, path: str = "$") -> list[str]:
+    """Where ``ours`` differs from ``theirs``, its round trip through the schema's models."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        out = [f"{path}.{k}: not in the schema" for k in ours.keys() - theirs.keys()]
+        out += [f"{path}.{k}: required, missing" for k in theirs.keys() - ours.keys()]
+        for k in ours.keys() & theirs.keys():
+            out += schema_differences(ours[k], theirs[k], f"{path}.{k}")
+        return out
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [
+            d
+            for i, pair in enumerate(zip(ours, theirs))
+            for d in schema_differences(*pair, f"{path}[{i}]")
+        ]
+    return [] if ours == theirs else [f"{path}: {ours!r} read back as {theirs!r}"]
+
+
+def test_the_grafana_dashboard_matches_grafanas_dashboard_and_panel_schemas():
+    """grafana-foundation-sdk's models are generated from Grafana's schemas (the dashboard,
+    each panel plugin's options and field config, the Prometheus query): reading the file
+    into them and writing it back drops what the schema does not know and writes out what it
+    requires, so the file must come back unchanged."""
+    require("grafana_foundation_sdk")
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    register_default_plugins()  # the panel plugins' and the Prometheus query's models
     dashboard = json.loads(DASHBOARD.read_text())
-    assert dashboard["id"] is None and dashboard["uid"] and dashboard["title"]
-    assert isinstance(dashboard["schemaVersion"], int)
+    read_back = json.loads(json.dumps(Dashboard.from_json(dashboard), cls=JSONEncoder))
+    model_part = {k: v for k, v in dashboard.items() if k not in IMPORT_FIELDS}
+    differences = schema_differences(model_part, read_back)
+    assert not differences, "\n".join(differences)
+    assert dashboard["id"] is None
+
+
+def test_the_dashboard_reads_the_declared_metrics_of_the_chosen_model_and_data_source():
+    dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     # no __inputs to fill in: the data source is a dashboard variable
     assert "__inputs" not in dashboard
@@ -101,7 +134,6 @@ def test_the_grafana_dashboard_is_importable_as_is():
         for m in specs
     }
     for panel in dashboard["panels"]:
-        assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
         if panel["type"] == "row":
             continue
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
@@ -234,8 +266,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
-    if PROMETHEUS is None:
-        pytest.skip(NO_PROMETHEUS)
+    require("prometheus")
     work = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     config = {
@@ -252,7 +283,7 @@ def prometheus(server, tmp_path_factory):
     log = open(work / "prometheus.log", "wb")
     process = subprocess.Popen(
         [
-            PROMETHEUS,
+            find_program("prometheus"),
             f"--config.file={work / 'prometheus.yml'}",
             f"--storage.tsdb.path={work / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
@@ -321,20 +352,85 @@ def test_the_alert_rules_load_and_evaluate_on_the_scraped_metrics(prometheus, tr
     assert prometheus.value("gradnorm:ood_fraction_alert_level") == 0.2
 
 
+def endpoint_value(server, name: str, extra: str = "") -> float | None:
+    """The digits model's value of one OOD series on TorchServe's metrics endpoint."""
+    labels = 'ModelName="digits",Level="Model",Hostname="'
+    for series, v in scraped(server).items():
+        if series.startswith(f"{name}{{{labels}") and extra in series:
+            return v
+    return None
+
+
+def dashboard_value(prometheus: Prometheus, title: str, ref: str, window: str) -> float:
+    """The digits model's value of one dashboard query, as Grafana would ask Prometheus for it
+    over ``window`` (the time range and the rate interval)."""
+    (target,) = [
+        t for panel_title, t in dashboard_targets() if (panel_title, t["refId"]) == (title, ref)
+    ]
+    expr = (
+        target["expr"]
+        .replace("$model", ".*")
+        .replace("$__rate_interval", window)
+        .replace("$__range", window)
+    )
+    result = prometheus.query(expr)
+    assert [r["metric"].get("ModelName") for r in result] == ["digits"], (title, expr, result)
+    return float(result[0]["value"][1])
+
+
 @pytest.mark.server
 @pytest.mark.slow
-def test_every_dashboard_query_runs_on_prometheus(prometheus, traffic):
-    # rate() and increase() need two scrapes
-    samples = 'count_over_time(OODRequests{ModelName="digits"}[1m])'
-    assert wait_for(lambda: (prometheus.value(samples) or 0) >= 3, timeout=45)
-    for title, target in dashboard_targets():
-        expr = (
-            target["expr"]
-            .replace("$model", ".*")
-            .replace("$__rate_interval", "1m")
-            .replace("$__range", "10m")
-        )
-        assert "$" not in expr, (title, expr)
-        prometheus.query(expr)  # asserts a successful evaluation
-    flagged = 'round(sum by (ModelName) (increase(OODFlagged{ModelName=~".*"}[10m])))'
-    assert prometheus.value(flagged) is not None
+def test_every_dashboard_panel_shows_the_values_of_known_traffic(server, prometheus, traffic):
+    model = '{ModelName="digits"}'
+    # the fixture's traffic has landed in Prometheus and stays: the window below starts later
+    totals = ("OODRequests", "OODFlagged", "OODBatches", "OODScoringTime", "OODScore_count")
+    before = {name: endpoint_value(server, name) for name in totals}
+    assert before["OODRequests"] == N
+    for name in totals:
+        assert wait_for(lambda n=name: prometheus.value(f"sum({n}{model})") == before[n], 45), name
+    # a steady stretch inside the window: increase() extrapolates the counters over the
+    # window by about one scrape interval (1 s), so the window must be long for round() to
+    # give the exact count (over 14 s for 6 requests)
+    steady = time.monotonic()
+    time.sleep(15)
+    # one request at a time (each its own batch): 4 ID pictures and the 2 OOD ones
+    pictures = ID_PICTURES[:4] + OOD_PICTURES
+    answers = [
+        requests.post(
+            f"{server.url}/predictions/digits", data=p.read_bytes(), headers=server.headers(),
+            timeout=60,
+        ).json()["ood"]
+        for p in pictures
+    ]  # fmt: skip
+    n, flagged = len(answers), sum(a["is_ood"] for a in answers)
+    assert flagged == K
+    assert wait_for(lambda: endpoint_value(server, "OODBatches") == before["OODBatches"] + n, 30)
+    after = {name: endpoint_value(server, name) for name in totals}
+    for name in totals:
+        assert wait_for(lambda n=name: prometheus.value(f"sum({n}{model})") == after[n], 45), name
+    time.sleep(2)  # one more scrape at the new values
+    # from 2 s into the steady stretch (Prometheus saw the old totals before it began)
+    window = f"{math.floor(time.monotonic() - steady) - 2}s"
+
+    def panel(title: str, ref: str = "A") -> float:
+        return dashboard_value(prometheus, title, ref, window)
+
+    assert panel("OOD rate (share of scored requests flagged)") == pytest.approx(flagged / n)
+    per_second = "Scored and flagged requests / s"
+    assert panel(per_second, "B") / panel(per_second, "A") == pytest.approx(flagged / n)
+    assert panel("Flagged requests (time range)") == flagged
+    assert panel("Scored requests (time range)") == n
+    assert panel("Samples above the threshold (OODScore > 1)") == pytest.approx(flagged / n)
+    # the histogram observes (score - ID median) / (threshold - ID median) per sample
+    center = Calibration.load(server.workdir / "calibration.json").center
+    ratios = [score_ratio(a["score"], center, THRESHOLD) for a in answers]
+    assert panel("Mean OOD score ratio") == pytest.approx(np.mean(ratios), rel=1e-3)
+    quantiles = "OOD score quantiles (score ratio: 0 = ID median, 1 = threshold)"
+    p50, p90, p99 = (panel(quantiles, ref) for ref in "ABC")
+    assert 0 <= p50 < 1 < p99 <= 10 and p50 <= p90 <= p99  # 4 of 6 below the threshold
+    latency = "Scoring time per batch"
+    mean_seconds = (after["OODScoringTime"] - before["OODScoringTime"]) / n / 1000
+    assert panel(latency, "C") == pytest.approx(mean_seconds, rel=1e-6)
+    assert 0 < panel(latency, "A") <= panel(latency, "B")
+    assert panel("Requests per scored batch") == pytest.approx(1.0)
+    assert panel("Handler time per batch") > 0

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
+import re
 import subprocess
 import sys
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,15 @@ import pytest
 import requests
 import torch
 import yaml
-from torchserve_harness import DIGITS, REPO, TorchServe, build_archive, demo_config, load_demo_model
+from torchserve_harness import (
+    DIGITS,
+    REPO,
+    TorchServe,
+    build_archive,
+    demo_config,
+    load_demo_model,
+    with_config,
+)
 
 from torchserve_gradnorm.calibration import Calibration
 from torchserve_gradnorm.codecs import RequestDecoder
@@ -30,8 +37,6 @@ from torchserve_gradnorm.scorer import GradNormScorer
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-    pytest.skip("TorchServe needs Java (java not found on PATH)", allow_module_level=True)
 
 ID_PICTURE = REPO / "samples/images/id/digit_3_idx45.png"
 OOD_PICTURE = REPO / "samples/images/ood/letter_W.png"
@@ -67,6 +72,8 @@ def server(tmp_path_factory):
     scripted = work / "digits_scripted.pt"
     torch.jit.save(torch.jit.script(load_demo_model()), scripted)
     build_archive(store, "digits_ts", scripted, write_config(work / "ts.yaml"))
+    head = write_config(work / "ts_head.yaml", param_filter="head")
+    build_archive(store, "digits_ts_head", scripted, head)
     calibrated = build_archive(
         store, "digits_cal", serialized, write_config(work / "cal.yaml"), DIGITS / "model.py"
     )
@@ -77,7 +84,7 @@ def server(tmp_path_factory):
     )
     with_config(good, store / "broken.mar", write_config(work / "broken.yaml", top_k=0))
     good.unlink()
-    ready = ["digits", "digits_vmap", "digits_loop", "digits_ts", "digits_cal"]
+    ready = ["digits", "digits_vmap", "digits_loop", "digits_ts", "digits_ts_head", "digits_cal"]
     ts = TorchServe(work, store, [*ready, "broken"])
     try:
         ts.start(ready_models=ready)
@@ -96,19 +103,10 @@ def calibrate_demo(archive: Path, work: Path) -> None:
     )  # fmt: skip
     subprocess.run(
         [str(bin_dir / "gradnorm-calibrate"), str(archive), "--id", str(data / "id_val"),
-         "--detector", "mahalanobis", "--into", str(archive), "--out", str(work / "cal.json")],
+         "--augment", "8", "--detector", "class_mahalanobis", "--into", str(archive),
+         "--out", str(work / "cal.json")],
         check=True, capture_output=True,
     )  # fmt: skip
-
-
-def with_config(archive: Path, target: Path, config: Path) -> None:
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w") as dst:
-        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == manifest["model"]["configFile"]:
-                data = config.read_bytes()
-            dst.writestr(item, data)
 
 
 SCHEMA = json.loads((REPO / "docs/response.schema.json").read_text())
@@ -246,8 +244,65 @@ def test_vmap_and_loop_archives_give_the_same_scores(server):
 
 def test_requests_without_the_token_are_refused(server):
     r = requests.post(f"{server.url}/predictions/digits", data=ID_PICTURE.read_bytes(), timeout=30)
-    assert r.status_code in (400, 401), r.text
-    assert "token" in r.text.lower()
+    # TorchServe 0.12 answers a missing or wrong token with 400, not 401
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "InvalidKeyException"
+    assert "token" in r.json()["message"].lower()
+
+
+# --- gradnorm-client against this server: a non-default --url, the key file ---
+
+CLIENT = Path(sys.executable).parent / "gradnorm-client"
+
+
+def client(server, *argv, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CLIENT), "--url", server.url, *argv],
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_gradnorm_client_reads_the_key_file_and_prints_the_served_answers(server, tmp_path):
+    key_file = server.workdir / "key_file.json"
+    pictures = [ID_PICTURE, OOD_PICTURE]
+    out = client(server, "--model", "digits_cal", "--key-file", key_file, *pictures, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    direct = [post(server, "digits_cal", data=p.read_bytes()).json() for p in pictures]
+    assert [row[0] for row in rows] == [str(p) for p in pictures]
+    assert [row[1] for row in rows] == [a["predictions"][0]["label"] for a in direct]
+    assert [float(row[3]) for row in rows] == [
+        pytest.approx(a["ood"]["score"], rel=1e-5) for a in direct
+    ]
+    assert [row[4] for row in rows] == ["no", "yes"]  # the calibrated demo flags the W
+
+
+def test_gradnorm_client_json_lines_are_the_served_answers(server, tmp_path):
+    out = client(
+        server, "--json", "--key-file", server.workdir / "key_file.json", ID_PICTURE, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    (record,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert record["status"] == 200
+    jsonschema.validate(record["answer"], SCHEMA)
+    expected = post(server, "digits", data=ID_PICTURE.read_bytes()).json()
+    assert record["answer"]["predictions"][0] == expected["predictions"][0]
+    assert record["answer"]["ood"]["grad_norm"] == pytest.approx(
+        offline_grad_norm(ID_PICTURE), rel=1e-5
+    )
+
+
+def test_gradnorm_client_finds_key_file_json_where_torchserve_wrote_it(server):
+    # TorchServe writes key_file.json in its working directory: run the client from there
+    out = client(server, "--model", "digits", ID_PICTURE, cwd=server.workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[1].split()[1] == "three"
+
+
+def test_gradnorm_client_shows_the_servers_refusal_of_a_wrong_key(server, tmp_path):
+    out = client(server, "--token", "not-the-key", ID_PICTURE, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "HTTP 400: Token Authorization failed" in out.stdout
 
 
 def test_a_bad_handler_config_fails_the_model_load_with_the_key_in_the_log(server):
@@ -265,9 +320,103 @@ def test_a_calibrated_archive_flags_ood_out_of_the_box(server):
     noise = REPO / "samples/images/ood/noise_blocks.png"
     for picture, expected in ((ID_PICTURE, False), (noise, True)):
         ood = post(server, "digits_cal", data=picture.read_bytes()).json()["ood"]
-        assert ood["detector"] == "mahalanobis"
+        assert ood["detector"] == "class_mahalanobis"
         assert ood["threshold"] == pytest.approx(calibration.threshold)
         assert ood["is_ood"] is expected, (picture.name, ood)
         offline = calibration.build_detector().score(offline_features(picture))[0]
         assert ood["score"] == pytest.approx(offline, rel=1e-5)
         assert ood["grad_norm"] == pytest.approx(offline_grad_norm(picture), rel=1e-5)
+
+
+def close_to_quoted(value: float, text: str) -> bool:
+    """``value`` printed at the precision of ``text`` (and a float32 ulp or so) is ``text``."""
+    decimals = len(text.partition(".")[2])
+    return abs(value - float(text)) <= 0.5 * 10**-decimals + 1e-5 * abs(value)
+
+
+def test_the_readme_example_answers_are_the_calibrated_demos(server):
+    # digits_cal is calibrated like `make archive` (class_mahalanobis on the same 270 digits
+    # and the same 8 seeded augmented copies of each)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    top = re.findall(r'\{"index": (\d+), "label": "(\w+)", "probability": ([0-9.]+)\}', readme)
+    ood = re.search(
+        r'"score": ([0-9.]+), "grad_norm": ([0-9.]+), "is_ood": true, "threshold": ([0-9.]+), '
+        r'"method": "(\w+)", "detector": "(\w+)"',
+        readme,
+    )
+    digit = re.search(r'a real "3" gets `"score": ([0-9.]+), "is_ood": false`', readme)
+    assert len(top) >= 2 and ood and digit, "the README's example answer moved"
+    answer = post(server, "digits_cal", data=OOD_PICTURE.read_bytes()).json()
+    for (index, label, probability), served in zip(top[:2], answer["predictions"]):
+        assert (served["index"], served["label"]) == (int(index), label)
+        assert close_to_quoted(served["probability"], probability)
+    score, grad_norm, threshold, method, detector = ood.groups()
+    assert answer["ood"]["is_ood"] is True
+    assert close_to_quoted(answer["ood"]["score"], score)
+    assert close_to_quoted(answer["ood"]["grad_norm"], grad_norm)
+    assert close_to_quoted(answer["ood"]["threshold"], threshold)
+    assert (answer["ood"]["method"], answer["ood"]["detector"]) == (method, detector)
+    three = post(server, "digits_cal", data=ID_PICTURE.read_bytes()).json()
+    assert three["predictions"][0]["label"] == "three" and three["ood"]["is_ood"] is False
+    assert close_to_quoted(three["ood"]["score"], digit.group(1))
+
+
+def test_a_torchscript_archive_with_the_head_filter_scores_the_head(server):
+    r = post(server, "digits_ts_head", data=OOD_PICTURE.read_bytes())
+    assert r.status_code == 200, r.text
+    config = parse_handler_config(handler_section(demo_config()))
+    x = RequestDecoder(config.input, config.limits).decode(OOD_PICTURE.read_bytes()).samples
+    offline = GradNormScorer(load_demo_model(), param_filter="head")(x).grad_norm.item()
+    assert r.json()["ood"]["grad_norm"] == pytest.approx(offline, rel=1e-5)
+
+
+def test_a_request_to_a_model_that_failed_to_load_gets_the_load_error_not_a_hang(server):
+    # the timeout bounds the wait: before, such requests hung while the worker restarted
+    r = requests.post(
+        f"{server.url}/predictions/broken",
+        headers=server.headers(),
+        data=ID_PICTURE.read_bytes(),
+        timeout=30,
+    )
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == (
+        "model 'broken' failed to load: invalid model-config.yaml: "
+        "handler.top_k: expected an integer >= 1, got 0"
+    )
+
+
+MALFORMED_JSON = b'{"data": [[1,2,'
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/plain", "application/octet-stream"]
+)
+def test_malformed_json_is_reported_as_json_however_it_is_labelled(server, content_type):
+    r = requests.post(
+        f"{server.url}/predictions/digits",
+        headers={**server.headers(), "Content-Type": content_type},
+        data=MALFORMED_JSON,
+        timeout=60,
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "the body is not valid JSON: Expecting value at line 1, column 16"
+    )
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"data": b""},
+        {"data": b"", "headers": {"Content-Type": "application/json"}},
+        {"data": b"", "headers": {"Content-Type": "text/plain"}},
+        {"files": {"data": ("empty.png", b"", "image/png")}},
+    ],
+    ids=["raw", "json", "text", "form"],
+)
+def test_an_empty_body_gets_one_message_however_it_is_sent(server, how):
+    how = dict(how)
+    headers = {**server.headers(), **how.pop("headers", {})}
+    r = requests.post(f"{server.url}/predictions/digits", headers=headers, timeout=60, **how)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "the body is empty: send a picture, .npy or JSON"

@@ -10,20 +10,20 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import requests
 import torch
 import yaml
+from prerequisites import require
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "samples/digits"
@@ -67,8 +67,6 @@ def demo_archive(work: Path, name: str = "digits", handler: dict | None = None, 
 @contextmanager
 def serving(server: TorchServe, **start) -> Iterator[TorchServe]:
     """Start ``server``, hand it out, and stop it (workers included) whatever happens."""
-    if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-        pytest.skip("TorchServe needs Java (java not found on PATH)")
     try:
         server.start(**start)
         yield server
@@ -100,6 +98,18 @@ def build_archive(
     return export_path / f"{name}.mar"
 
 
+def with_config(archive: Path, target: Path, config: Path) -> None:
+    """A copy of ``archive`` with another model-config.yaml: gradnorm-archive refuses to pack
+    a config that cannot load, so broken archives for tests are made this way."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w") as dst:
+        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == manifest["model"]["configFile"]:
+                data = config.read_bytes()
+            dst.writestr(item, data)
+
+
 class TorchServe:
     def __init__(self, workdir: Path, model_store: Path, models: list[str]) -> None:
         self.workdir = workdir
@@ -123,6 +133,7 @@ class TorchServe:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 120.0, ready_models: list[str] | None = None) -> None:
+        require("java")  # the frontend is Java: fail, never skip, without it
         config = self.workdir / "config.properties"
         config.write_text(
             "\n".join(
@@ -243,3 +254,21 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+class FakeContext:
+    """The parts of ts.context.Context that the handler uses, for tests without a server."""
+
+    def __init__(self, model_dir, serialized_file: str, model_yaml: dict) -> None:
+        self.model_yaml_config = model_yaml
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.manifest = {"model": {"serializedFile": serialized_file}}
+        self.model_name = "mymodel"
+        self.statuses: dict[int, int] = {}
+        self.content_types: dict[int, str] = {}
+
+    def set_response_status(self, code: int, phrase: str, idx: int = 0) -> None:
+        self.statuses[idx] = code
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_types[idx] = value

@@ -58,6 +58,13 @@ _TORCH_DTYPES = {
 }
 
 
+EMPTY_BODY = "the body is empty: send a picture, .npy or JSON"
+NOT_PICTURE_NPY_OR_JSON = (
+    "the body is neither a picture (PNG, JPEG, GIF, BMP, WebP, TIFF), .npy nor JSON"
+)
+NOT_NPY_OR_JSON = "the body is neither .npy nor JSON (this model takes tensors)"
+
+
 class RequestError(Exception):
     """A request that cannot be scored; ``status`` is the HTTP code to answer with."""
 
@@ -86,12 +93,33 @@ def request_payload(request: Mapping[str, Any]) -> Any:
     if len(values) == 1:
         return values[0]
     if not values:
-        raise RequestError(400, "empty request: send a picture, .npy or JSON body")
+        raise RequestError(400, EMPTY_BODY)
     raise RequestError(400, f"several form fields ({', '.join(request)}): send one, named 'data'")
 
 
 def _is_image(body: bytes) -> bool:
     return body.startswith(_IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
+
+
+def _looks_like_json(body: bytes) -> bool:
+    return body.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
+
+
+def _parse_json(text: str | bytes) -> Any:
+    try:
+        return json.loads(text)  # bytes: UTF-8/16/32 detected, a UTF-8 BOM allowed
+    except json.JSONDecodeError as e:
+        raise RequestError(
+            400, f"the body is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise RequestError(
+            400, f"the body is not valid JSON: not UTF-8 text (byte {e.start})"
+        ) from None
+    except RecursionError:
+        raise RequestError(400, "the body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # integers too long to convert, among others
+        raise RequestError(400, f"the body cannot be read as JSON: {e}") from None
 
 
 class RequestDecoder:
@@ -120,27 +148,38 @@ class RequestDecoder:
 
     def decode(self, payload: Any) -> Decoded:
         if isinstance(payload, (bytes, bytearray, memoryview)):
-            body = bytes(payload)
-            if not body.strip():
-                raise RequestError(400, "empty request body")
-            if _is_image(body):
-                return Decoded(self._image(body).unsqueeze(0), many=False)
-            if body.startswith(_NPY_MAGIC):
-                return Decoded(self._npy(body).unsqueeze(0), many=False)
-            try:
-                payload = json.loads(body.decode("utf-8"))
-            except (ValueError, RecursionError):  # bad UTF-8/JSON, too deep, huge integers
-                if self.input.kind == "image":
-                    return Decoded(self._image(body).unsqueeze(0), many=False)
-                raise RequestError(
-                    400, "body is neither JSON, .npy nor a picture this model takes"
-                ) from None
-        elif isinstance(payload, str):
-            try:
-                payload = json.loads(payload)
-            except (ValueError, RecursionError) as e:  # also too deep, huge integers
-                raise RequestError(400, f"invalid JSON: {e}") from None
+            return self._bytes(bytes(payload))
+        if isinstance(payload, str):  # TorchServe hands text/* bodies over as text
+            if not payload.strip():
+                raise RequestError(400, EMPTY_BODY)
+            payload = _parse_json(payload)
         return self._json(payload)
+
+    def _bytes(self, body: bytes) -> Decoded:
+        # judged by the bytes themselves: TorchServe passes no content type to the handler,
+        # and hands over a JSON body that failed to parse as bytes
+        if not body.strip():
+            raise RequestError(400, EMPTY_BODY)
+        if _is_image(body):
+            return Decoded(self._image(body).unsqueeze(0), many=False)
+        if body.startswith(_NPY_MAGIC):
+            return Decoded(self._npy(body).unsqueeze(0), many=False)
+        if _looks_like_json(body):
+            return self._json(_parse_json(body))
+        try:
+            payload = _parse_json(body)  # a bare number or string is JSON too
+        except RequestError:
+            if self.input.kind != "image":
+                raise RequestError(400, NOT_NPY_OR_JSON) from None
+        else:
+            return self._json(payload)
+        # no known signature: Pillow may still know the format
+        try:
+            return Decoded(self._image(body).unsqueeze(0), many=False)
+        except RequestError as e:
+            if e.status != 400:
+                raise
+            raise RequestError(400, NOT_PICTURE_NPY_OR_JSON) from None
 
     # --- JSON ---
 
@@ -200,7 +239,7 @@ class RequestDecoder:
         try:
             array = np.load(io.BytesIO(body), allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise RequestError(400, f"unreadable .npy body: {e}") from None
+            raise RequestError(400, f"cannot decode the .npy array: {e}") from None
         if array.dtype.kind not in "biuf":
             raise RequestError(400, f".npy body of dtype {array.dtype}: expected numbers")
         return self._check_array(array)

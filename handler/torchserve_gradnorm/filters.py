@@ -4,7 +4,8 @@ Accepted forms:
 - ``None``: every parameter (pytorch-ood's default).
 - a callable ``name -> bool`` (pytorch-ood's form).
 - ``"head"``: the parameters of the last ``nn.Linear`` registered in the model, the layer
-  that produces the logits in the usual classifier layout.
+  that produces the logits in the usual classifier layout (TorchScript models included:
+  their modules keep their original class names).
 - a mapping ``{"include": [...], "exclude": [...]}`` of fnmatch globs over the names of
   ``named_parameters()``; a pattern that starts with ``re:`` is a regular expression
   (``re.fullmatch``). No ``include`` means all; ``exclude`` wins over ``include``.
@@ -65,15 +66,37 @@ def glob_filter(spec: Mapping[str, Any]) -> Callable[[str], bool]:
     return keep
 
 
+def _linear_class_names() -> set[str]:
+    """nn.Linear and its subclasses (MultiheadAttention's out_proj among them), by name."""
+    names, pending = set(), [nn.Linear]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.__name__)
+        pending += cls.__subclasses__()
+    return names
+
+
+def _is_linear(module: nn.Module, linear_names: set[str]) -> bool:
+    # a TorchScript module is a RecursiveScriptModule that keeps only its class's name
+    return isinstance(module, nn.Linear) or getattr(module, "original_name", None) in linear_names
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
-    last = None
+    """The parameters of the last nn.Linear in ``named_modules()`` order.
+
+    Works on TorchScript modules too (scripted or traced, saved and loaded): they keep the
+    module tree and each module's original class name, but not ``get_submodule``.
+    """
+    linear_names = _linear_class_names()
+    last: tuple[str, nn.Module] | None = None
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear":
-            last = module_name
+        if _is_linear(module, linear_names):
+            last = (module_name, module)
     if last is None:
         raise ValueError("param_filter='head': the model has no nn.Linear layer")
-    prefix = f"{last}." if last else ""
-    return [f"{prefix}{n}" for n, p in model.get_submodule(last).named_parameters(recurse=False)]
+    module_name, module = last
+    prefix = f"{module_name}." if module_name else ""
+    return [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
 
 
 def select_parameters(model: nn.Module, param_filter: ParamFilter = None) -> list[str]:

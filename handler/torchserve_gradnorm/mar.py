@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,10 @@ def open_archive(path: str | Path) -> Archive:
         if model_info.get("modelFile"):
             model = _eager_model(root, model_info["modelFile"], weights)
         else:
-            model = torch.jit.load(str(weights), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                # TorchServe serves TorchScript; its deprecation is not the user's to act on
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(str(weights), map_location="cpu").eval()
         labels_path = root / "index_to_name.json"
         labels = json.loads(labels_path.read_text()) if labels_path.is_file() else None
         return Archive(path, root, manifest, config, model, labels, weights)

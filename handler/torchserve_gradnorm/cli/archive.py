@@ -5,6 +5,11 @@ config is validated with the code the server runs at load, before anything is pa
 archive carries the ``torchserve_gradnorm`` package, so the TorchServe host does not need
 this project installed. ``--calibration`` ships a calibration file after checking that it
 was made for these weights and settings. Packing itself is torch-model-archiver's job.
+
+The packed archive is then opened and loaded as the handler loads it (model, filter,
+calibration, backend, one warm-up sample when the input shape is known) before it is moved
+to ``--export-path``: an archive the server could not load is refused here, with the same
+one-line message, rather than written.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torchserve_gradnorm.calibration import (
     CalibrationError,
     file_sha256,
     fingerprint,
+    shipped_calibration,
 )
 from torchserve_gradnorm.config import (
     ConfigError,
@@ -34,6 +40,8 @@ from torchserve_gradnorm.config import (
     handler_section,
     parse_handler_config,
 )
+from torchserve_gradnorm.mar import open_archive
+from torchserve_gradnorm.service import GradNormService
 
 PACKAGE_DIR = Path(torchserve_gradnorm.__file__).resolve().parent
 
@@ -112,7 +120,31 @@ def validate_labels(path: str) -> None:
         raise SystemExit(f'gradnorm-archive: {path}: expected {{"0": "label", ...}}')
 
 
-def archiver_command(args: argparse.Namespace, stage: Path) -> list[str]:
+def check_loads(mar: Path, args: argparse.Namespace) -> None:
+    """Load the packed archive the way the handler does; exit with its error if it fails."""
+    where = args.config_file or "handler"
+    try:
+        with open_archive(mar) as archive:
+            calibration = shipped_calibration(archive.root, archive.config)
+            weights_sha256 = archive.weights_sha256() if calibration else None
+            GradNormService(
+                archive.model,
+                archive.config,
+                archive.labels,
+                calibration,
+                weights_sha256,
+                args.model_name,
+            ).warm_up()
+    except ConfigError as e:
+        raise SystemExit(f"gradnorm-archive: {where}: {e}") from None
+    except Exception as e:
+        raise SystemExit(
+            "gradnorm-archive: the model does not load as TorchServe would load it: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+def archiver_command(args: argparse.Namespace, stage: Path, export_path: Path) -> list[str]:
     # --extra-files copies a directory's *contents* to the archive root, so the package is
     # staged one level down and the archive root gets torchserve_gradnorm/.
     library = stage / "library"
@@ -138,29 +170,39 @@ def archiver_command(args: argparse.Namespace, stage: Path) -> list[str]:
         "--handler", str(entry_module_path()),
         "--serialized-file", args.serialized_file,
         "--extra-files", ",".join(extra),
-        "--export-path", args.export_path,
+        "--export-path", str(export_path),
     ]  # fmt: skip
     if args.model_file:
         command += ["--model-file", args.model_file]
     if args.config_file:
         command += ["--config-file", args.config_file]
-    if args.force:
-        command.append("--force")
     return command
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = validate_config(args.config_file)
+    if not args.model_file and not args.serialized_file.endswith(".pt"):
+        # TorchServe's BaseHandler loads a model without a model file only from a .pt name
+        raise SystemExit(
+            "gradnorm-archive: --serialized-file: without --model-file the model must be "
+            f"a TorchScript file ending in .pt, got {args.serialized_file}"
+        )
     if args.calibration:
         validate_calibration(args.calibration, args.serialized_file, config)
-    Path(args.export_path).mkdir(parents=True, exist_ok=True)
+    target = Path(args.export_path) / f"{args.model_name}.mar"
+    if target.exists() and not args.force:
+        raise SystemExit(f"gradnorm-archive: {target} exists; --force overwrites it")
     with tempfile.TemporaryDirectory(prefix="gradnorm-archive-") as tmp:
-        command = archiver_command(args, Path(tmp))
-        result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        return result.returncode
-    print(f"wrote {Path(args.export_path) / (args.model_name + '.mar')}")
+        packed = Path(tmp) / "packed"
+        packed.mkdir()
+        result = subprocess.run(archiver_command(args, Path(tmp), packed), check=False)
+        if result.returncode != 0:
+            return result.returncode
+        check_loads(packed / target.name, args)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(packed / target.name, target)
+    print(f"wrote {target}")
     return 0
 
 
