@@ -29,9 +29,13 @@ from torchserve_gradnorm.calibration import (
 from torchserve_gradnorm.codecs import RequestDecoder
 from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
 from torchserve_gradnorm.detectors import (
+    DETECTORS,
+    ClassMahalanobisDetector,
+    EnergyDetector,
     Features,
     MahalanobisDetector,
     MLPDetector,
+    MSPDetector,
     SumDetector,
 )
 from torchserve_gradnorm.mar import open_archive
@@ -45,7 +49,17 @@ BIN = Path(sys.executable).parent
 def gaussian_features(n: int, shift: float, seed: int, layers: int = 6) -> Features:
     rng = np.random.default_rng(seed)
     log_norms = rng.normal(size=(n, layers)) + shift
-    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1))
+    logits = rng.normal(size=(n, 3)) * 2 + shift
+    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits)
+
+
+def two_class_features(centers: list[float], n: int, seed: int) -> Features:
+    """Log norms around a per-class center (layers move together), logits naming the class."""
+    rng = np.random.default_rng(seed)
+    classes = np.arange(n) % len(centers)
+    log_norms = np.asarray(centers)[classes, None] + rng.normal(scale=0.2, size=(n, 4))
+    logits = np.eye(len(centers))[classes] * 5 + rng.normal(scale=0.1, size=(n, len(centers)))
+    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits)
 
 
 class TestDetectors:
@@ -81,7 +95,48 @@ class TestDetectors:
         with pytest.raises(ValueError, match="--ood"):
             MLPDetector().fit(gaussian_features(10, 0, 0), None)
 
-    @pytest.mark.parametrize("detector", [SumDetector, MahalanobisDetector, MLPDetector])
+    def test_msp_and_energy_are_the_published_logit_scores(self):
+        features = gaussian_features(20, 0.0, 0)
+        logits = torch.from_numpy(features.logits)
+        np.testing.assert_allclose(
+            MSPDetector().score(features), -torch.softmax(logits, 1).max(1).values.numpy()
+        )
+        np.testing.assert_allclose(
+            EnergyDetector().score(features), -torch.logsumexp(logits, 1).numpy()
+        )
+
+    def test_logit_detectors_need_logits(self):
+        features = gaussian_features(5, 0.0, 0)
+        features.logits = None
+        for detector in (MSPDetector(), EnergyDetector(), ClassMahalanobisDetector()):
+            with pytest.raises(ValueError, match="reads the logits"):
+                detector.fit(features)
+                detector.score(features)
+
+    def test_class_mahalanobis_flags_what_lies_between_classes(self):
+        # two classes far apart: one Gaussian for both is wide enough to take in a sample
+        # halfway between them, one Gaussian per class is not
+        id_fit = two_class_features([0.0, 4.0], 400, 0)
+        id_test = two_class_features([0.0, 4.0], 200, 1)
+        between = two_class_features([2.0, 2.0], 50, 2)
+        pooled, per_class = MahalanobisDetector(), ClassMahalanobisDetector()
+        pooled.fit(id_fit)
+        per_class.fit(id_fit)
+        assert np.median(per_class.score(between)) > np.percentile(per_class.score(id_test), 99)
+        assert np.median(pooled.score(between)) < np.percentile(pooled.score(id_test), 99)
+
+    def test_class_mahalanobis_keeps_classes_never_predicted_out_of_the_minimum(self):
+        fit = two_class_features([0.0, 4.0, 8.0], 300, 0)
+        fit.logits[:, 2] = -10.0  # the third class is never predicted
+        detector = ClassMahalanobisDetector()
+        detector.fit(fit)
+        restored = ClassMahalanobisDetector.from_params(json.loads(json.dumps(detector.params())))
+        assert restored.params()["means"][2] is None
+        probe = two_class_features([8.0, 8.0, 8.0], 10, 1)
+        np.testing.assert_allclose(restored.score(probe), detector.score(probe))
+        assert np.isfinite(detector.score(probe)).all()
+
+    @pytest.mark.parametrize("detector", list(DETECTORS.values()))
     def test_fitted_parameters_round_trip_through_json(self, detector):
         fitted = detector()
         fitted.fit(gaussian_features(50, 0, 0), gaussian_features(50, 1, 1))
@@ -118,6 +173,25 @@ class TestCalibrationFile:
         held_out = cal.build_detector().score(gaussian_features(20_000, 0.0, 1))
         sigma = np.sqrt(tpr * (1 - tpr) * (1 / 4000 + 1 / 20_000))
         assert abs((held_out <= cal.threshold).mean() - tpr) <= 3 * sigma
+
+    def test_augmented_copies_shape_the_fit_but_not_the_threshold(self):
+        plain, copies = gaussian_features(200, 0.0, 0), gaussian_features(600, 1.0, 1)
+        cal = calibrate(
+            MahalanobisDetector(), Features.concat([plain, copies]), None, tpr=0.9,
+            config=CONFIG, parameters=[f"p{i}" for i in range(6)], weights_sha256="a" * 64,
+            n_augmented=600,
+        )  # fmt: skip
+        detector = cal.build_detector()
+        assert (cal.n_id, cal.n_augmented) == (200, 600)
+        assert cal.threshold == threshold_at_tpr(detector.score(plain), 0.9)
+        plain_only = MahalanobisDetector()
+        plain_only.fit(plain)
+        assert not np.allclose(detector.mean, plain_only.mean)  # the copies moved the fit
+
+    def test_calibration_files_from_before_augmentation_still_load(self):
+        data = json.loads(make_calibration().to_json())
+        del data["n_augmented"]
+        assert Calibration.from_json(json.dumps(data)).n_augmented == 0
 
     def test_threshold_at_tpr_rejects_a_rate_outside_zero_one(self):
         with pytest.raises(ValueError, match="tpr"):
@@ -167,13 +241,15 @@ class SixParams(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-def service_calibration(model: nn.Module, weights: str, config=CONFIG) -> Calibration:
+def service_calibration(
+    model: nn.Module, weights: str, config=CONFIG, detector=MahalanobisDetector
+) -> Calibration:
     service = GradNormService(model, config)
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     result = service.scorer.__class__(model, per_layer=True)(x)
     features = Features.from_result(result)
     return calibrate(
-        MahalanobisDetector(), features, None, tpr=0.9, config=config,
+        detector(), features, None, tpr=0.9, config=config,
         parameters=service.scorer.selected, weights_sha256=weights,
     )  # fmt: skip
 
@@ -190,6 +266,21 @@ class TestServedCalibration:
         assert ood["is_ood"] is (ood["score"] > cal.threshold)
         assert service.score_reference == (cal.center, cal.threshold)
         assert "per_layer" not in ood  # computed for the detector, shown only when asked
+
+    @pytest.mark.parametrize("detector", [MSPDetector, EnergyDetector, ClassMahalanobisDetector])
+    def test_detectors_that_read_logits_are_served(self, detector):
+        torch.manual_seed(0)
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64, detector=detector)
+        service = GradNormService(model, CONFIG, calibration=cal, weights_sha256="w" * 64)
+        x = [0.1, 0.2, 0.3, 0.4]
+        reply = service.handle([{"body": json.dumps({"data": x}).encode()}])[0]
+        features = Features.from_result(
+            service.scorer.__class__(model, per_layer=True)(torch.tensor([x]))
+        )
+        expected = cal.build_detector().score(features)[0]
+        assert reply.body["ood"]["detector"] == detector.name
+        assert reply.body["ood"]["score"] == pytest.approx(expected, rel=1e-5)
 
     def test_a_fingerprint_mismatch_is_refused_at_load(self):
         model = SixParams()
@@ -261,12 +352,12 @@ def test_calibrate_into_the_archive_and_load_it_back(demo, tmp_path):
     archive.write_bytes((demo / "digits.mar").read_bytes())
     data = demo / "data"
     out = run(
-        BIN / "gradnorm-calibrate", archive, "--id", data / "id_val",
-        "--ood", data / "ood_fit/noise", "--detector", "mahalanobis",
+        BIN / "gradnorm-calibrate", archive, "--id", data / "id_val", "--augment", "1",
+        "--ood", data / "ood_fit/noise", "--detector", "class_mahalanobis",
         "--into", archive, "--out", tmp_path / "cal.json", "--plot", tmp_path / "hist.png",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "flags" in out.stdout and "OOD noise" in out.stdout
+    assert "fitted with 270 augmented copies too" in out.stdout and "OOD noise" in out.stdout
     assert (tmp_path / "hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with zipfile.ZipFile(archive) as mar:
         shipped = Calibration.from_json(mar.read("calibration.json").decode())
@@ -274,7 +365,8 @@ def test_calibrate_into_the_archive_and_load_it_back(demo, tmp_path):
     with open_archive(archive) as opened:
         cal = shipped_calibration(opened.root, opened.config)
         assert cal.fingerprint == fingerprint(opened.weights_sha256(), opened.config)
-        assert cal.n_id == 270 and abs(cal.achieved_tpr - 0.95) <= 0.01
+        assert cal.detector == "class_mahalanobis"
+        assert (cal.n_id, cal.n_augmented) == (270, 270) and abs(cal.achieved_tpr - 0.95) <= 0.01
 
 
 @pytest.mark.slow
@@ -313,6 +405,37 @@ def reference_scores(folder: Path, batch_size: int = 64) -> tuple[np.ndarray, Fe
 
 
 @pytest.mark.slow
+def test_eval_reports_flagged_shares_and_metrics_per_detector_and_set(demo, tmp_path):
+    data = demo / "data"
+    out = run(
+        BIN / "gradnorm-eval", demo / "digits.mar", "--id", data / "id_test",
+        "--shift", data / "shift_test/jpeg", "--ood", data / "ood_test/noise",
+        "--ood", data / "ood_test/letters", "--near-ood", data / "ood_test/inverted",
+        "--fit-id", data / "id_val", "--fit-augment", "1",
+        "--fit-ood", data / "ood_fit/noise", "--fit-ood", data / "ood_fit/letters",
+        "--json", tmp_path / "eval.json", "--markdown", tmp_path / "eval.md",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    kinds = {r["set"]: r["kind"] for r in rows}
+    assert kinds == {
+        "id_test": "ID", "jpeg": "shift", "noise": "far OOD", "letters": "far OOD",
+        "inverted": "near OOD",
+    }  # fmt: skip
+    seen = {(r["detector"], r["set"]) for r in rows}
+    for detector in ("msp", "energy", "sum", "mahalanobis", "mahalanobis, ID only",
+                     "class_mahalanobis", "mlp"):  # fmt: skip
+        assert {(detector, s) for s in kinds} <= seen
+    assert {("mlp (kind unseen)", "noise"), ("mlp (kind unseen)", "letters")} <= seen
+    for r in rows:
+        assert 0.0 <= r["flagged"] <= 1.0
+        assert ("AUROC" in r) == (r["kind"] != "ID")
+    id_flagged = [r["flagged"] for r in rows if r["kind"] == "ID" and r["detector"] == "energy"]
+    assert 0.0 < id_flagged[0] < 0.2  # thresholds sit at 95 % TPR on the fit data
+    assert "| detector | id_test (ID) | jpeg (shift) |" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.slow
 def test_eval_reports_the_reference_metrics_of_every_detector_and_the_softmax_baseline(
     demo, tmp_path
 ):
@@ -326,7 +449,7 @@ def test_eval_reports_the_reference_metrics_of_every_detector_and_the_softmax_ba
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = {
-        (r["detector"], r["ood"]): r
+        (r["detector"], r["set"]): r
         for r in json.loads((tmp_path / "eval.json").read_text())["rows"]
     }
     for detector in ("msp", "sum", "mahalanobis", "mlp", "mlp (kind unseen)"):
@@ -348,7 +471,7 @@ def test_eval_reports_the_reference_metrics_of_every_detector_and_the_softmax_ba
             metrics.update(torch.tensor(scores), torch.tensor(np.where(is_ood, -1, 0)))
             expected = metrics.compute()
             row = rows[(detector, kind)]
-            assert row["n_ood"] == len(ood_scores) == 40
+            assert row["n"] == len(ood_scores) == 40
             assert row["AUROC"] == pytest.approx(roc_auc_score(is_ood, scores), abs=1e-9)
             for key in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR95TPR"):
                 assert row[key] == pytest.approx(expected[key], abs=1e-9), (detector, kind, key)
@@ -384,10 +507,11 @@ def test_archive_ships_a_matching_calibration_and_refuses_a_foreign_one(demo, tm
 
 @pytest.mark.slow
 def test_the_readme_quotes_the_demo_calibration(demo, tmp_path):
-    # `make archive` calibrates the demo archive the same way, on the same 270 digits
+    # `make archive` calibrates the demo archive the same way, on the same 270 digits and the
+    # same seeded augmented copies
     out = run(
         BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val",
-        "--detector", "mahalanobis", "--out", tmp_path / "cal.json",
+        "--augment", "8", "--detector", "class_mahalanobis", "--out", tmp_path / "cal.json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     cal = Calibration.load(tmp_path / "cal.json")
@@ -398,15 +522,15 @@ def test_the_readme_quotes_the_demo_calibration(demo, tmp_path):
     )
 
 
-def test_calibrate_defaults_to_the_id_only_mahalanobis_detector_written_to_calibration_json(
+def test_calibrate_defaults_to_the_id_only_class_mahalanobis_detector_in_calibration_json(
     demo, tmp_path
 ):
     command = [BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val"]
     out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     calibration = Calibration.load(tmp_path / "calibration.json")
-    assert calibration.detector == "mahalanobis"
-    assert not MahalanobisDetector.needs_ood
+    assert calibration.detector == "class_mahalanobis"
+    assert not ClassMahalanobisDetector.needs_ood
 
 
 @pytest.mark.slow

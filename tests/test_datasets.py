@@ -12,7 +12,7 @@ from PIL import Image
 
 from torchserve_gradnorm.codecs import RequestDecoder, RequestError
 from torchserve_gradnorm.config import parse_handler_config
-from torchserve_gradnorm.datasets import load_samples, sample_files
+from torchserve_gradnorm.datasets import augmented_samples, load_samples, sample_files
 
 
 def tensor_decoder() -> RequestDecoder:
@@ -71,3 +71,31 @@ def test_folders_list_only_samples_and_must_hold_some(tmp_path):
     np.save(tmp_path / "b.npy", np.zeros((2, 3)))
     Image.new("L", (2, 2)).save(tmp_path / "a.png")
     assert [p.name for p in sample_files(tmp_path)] == ["a.png", "b.npy"]
+
+
+def picture_decoder() -> RequestDecoder:
+    config = parse_handler_config(
+        {"input": {"size": 8, "mode": "L", "mean": 0.0, "std": 1.0, "resample": "box"}}
+    )
+    return RequestDecoder(config.input, config.limits)
+
+
+def test_augmented_copies_are_reproducible_new_renderings_at_the_served_shape(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
+            tmp_path / f"{i}.png"
+        )
+    decoder = picture_decoder()
+    first = augmented_samples(tmp_path, decoder, copies=3)
+    assert first.shape == (6, 1, 8, 8)
+    assert torch.equal(first, augmented_samples(tmp_path, decoder, copies=3))
+    assert not torch.equal(first, augmented_samples(tmp_path, decoder, copies=3, seed=1))
+    originals = torch.cat([load_samples(p, decoder) for p in sample_files(tmp_path)])
+    assert not any(torch.equal(copy, originals[i // 3]) for i, copy in enumerate(first))
+
+
+def test_augmentation_refuses_tensor_files(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="pictures only"):
+        augmented_samples(tmp_path, tensor_decoder(), copies=2)

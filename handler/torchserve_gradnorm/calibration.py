@@ -3,6 +3,10 @@ a fingerprint of what the numbers were computed with.
 
 The threshold is the ``tpr`` quantile of the detector's scores on in-distribution data, so
 that a share ``tpr`` of ID samples scores at or below it (``is_ood = score > threshold``).
+Augmented copies of the ID pictures (``--augment``) shape the detector's fit only: the
+threshold and the reached TPR are those of the ID samples as given, so that ``tpr`` keeps
+its meaning (the copies include renderings harsher than most clients send, and counting
+them would move the threshold up and let more OOD through).
 The fingerprint hashes the weights file and the handler settings that change scores
 (method, parameter filter, temperature, direction, input preprocessing); a served model
 refuses a calibration whose fingerprint differs from its own.
@@ -72,6 +76,8 @@ class Calibration:
     n_id: int
     n_ood: int
     fingerprint: str
+    n_augmented: int = 0
+    """augmented copies of the ``n_id`` ID samples the detector was also fitted on"""
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     format: str = FORMAT
 
@@ -138,9 +144,11 @@ def calibrate(
     config: HandlerConfig,
     parameters: list[str],
     weights_sha256: str,
+    n_augmented: int = 0,
 ) -> Calibration:
     detector.fit(id_features, ood_features)
-    id_scores = detector.score(id_features)
+    # the augmented copies come last
+    id_scores = detector.score(id_features)[: len(id_features) - n_augmented]
     threshold = threshold_at_tpr(id_scores, tpr)
     return Calibration(
         detector=detector.name,
@@ -152,9 +160,10 @@ def calibrate(
         method=config.method,
         parameters=list(parameters),
         id_quantiles={f"{q:g}": float(np.quantile(id_scores, q)) for q in QUANTILES},
-        n_id=len(id_features),
+        n_id=len(id_features) - n_augmented,
         n_ood=0 if ood_features is None else len(ood_features),
         fingerprint=fingerprint(weights_sha256, config),
+        n_augmented=n_augmented,
     )
 
 

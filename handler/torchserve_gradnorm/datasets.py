@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .augment import augmented_bytes
 from .codecs import RequestDecoder, RequestError
 from .detectors import Features
 from .scorer import GradNormScorer
@@ -102,6 +103,20 @@ def iter_folder(folder: str | Path, decoder: RequestDecoder) -> Iterator[torch.T
         yield load_samples(path, decoder)
 
 
+def augmented_samples(
+    folder: str | Path, decoder: RequestDecoder, copies: int, seed: int = 0
+) -> torch.Tensor:
+    """``copies`` augmented renderings of every picture in a folder (``augment.py``),
+    decoded as the server decodes them; seeded per file, so reproducible."""
+    samples = []
+    for index, path in enumerate(sample_files(folder)):
+        if path.suffix.lower() not in PICTURES:
+            raise ValueError(f"{path}: augmentation works on pictures only")
+        for data in augmented_bytes(path.read_bytes(), copies, seed=(seed, index)):
+            samples.append(decoder.decode(data).samples)
+    return torch.cat(samples)
+
+
 @dataclass
 class Scored:
     features: Features
@@ -119,6 +134,18 @@ def score_folder(
     """Score every sample of a folder with the serving code path, in batches."""
     parts = list(iter_folder(folder, decoder))
     samples = [s for part in parts for s in part] if decoder.text is not None else torch.cat(parts)
+    return score_samples(scorer, decoder, samples, batch_size, label or str(folder), progress)
+
+
+def score_samples(
+    scorer: GradNormScorer,
+    decoder: RequestDecoder,
+    samples: torch.Tensor | list,
+    batch_size: int = 64,
+    label: str = "",
+    progress: bool | None = None,
+) -> Scored:
+    """Score decoded samples (a tensor, or a text decoder's token lists) in batches."""
     if progress is None:
         progress = sys.stderr.isatty()
     features, logits = [], []
@@ -128,7 +155,7 @@ def score_folder(
         logits.append(result.logits.double().cpu().numpy())
         if progress:
             done = min(start + batch_size, len(samples))
-            print(f"\rscoring {label or folder}: {done}/{len(samples)}", end="", file=sys.stderr)
+            print(f"\rscoring {label}: {done}/{len(samples)}", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
     return Scored(Features.concat(features), np.concatenate(logits))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..codecs import RequestDecoder
-from ..datasets import Scored, score_folder
+from ..datasets import Scored, augmented_samples, score_folder, score_samples
 from ..hf import text_encoder_for
 from ..mar import Archive
 from ..scorer import GradNormScorer
@@ -31,3 +31,13 @@ def score_folders(
         Path(f).name: score_folder(scorer, decoder, f, batch_size, label=Path(f).name)
         for f in folders
     }
+
+
+def score_augmented(
+    scorer: GradNormScorer, decoder: RequestDecoder, folder: str, copies: int, batch_size: int
+) -> Scored:
+    """``copies`` augmented renderings of every picture in ``folder``, scored."""
+    samples = augmented_samples(folder, decoder, copies)
+    return score_samples(
+        scorer, decoder, samples, batch_size, label=f"{Path(folder).name} (augmented)"
+    )

@@ -1,9 +1,13 @@
 """gradnorm-calibrate: fit a detector and its threshold on in-distribution data.
 
-    gradnorm-calibrate ARCHIVE --id DIR [--ood DIR ...] [--tpr 0.95]
-        [--detector mahalanobis|sum|mlp] [--out FILE] [--into ARCHIVE] [--plot PNG]
+    gradnorm-calibrate ARCHIVE --id DIR [--augment [COPIES]] [--ood DIR ...] [--tpr 0.95]
+        [--detector NAME (default class_mahalanobis)] [--out FILE] [--into ARCHIVE] [--plot PNG]
 
-Scores go through the archive's own preprocessing and scoring settings. ``--into`` writes
+Scores go through the archive's own preprocessing and scoring settings. ``--augment`` adds
+COPIES (default 4) augmented renderings of every ID picture (enlarged with another filter,
+turned, moved, strokes, brightness, contrast, JPEG: ``augment.py``) to the data the detector
+is fitted on, so that benign variation in how clients render a picture is not flagged; the
+threshold stays at ``--tpr`` of the ID pictures as given. ``--into`` writes
 the calibration into an archive (as calibration.json), so the served model flags OOD with
 no further step; the archive must hold the same weights and scoring settings. Without
 ``--into`` the calibration goes to ``--out`` (default calibration.json); with it, to a
@@ -21,17 +25,28 @@ from ..calibration import FILENAME, Calibration, calibrate, fingerprint
 from ..detectors import DETECTORS, Features, get_detector
 from ..evaluation import ood_metrics
 from ..mar import open_archive, write_member
-from ._common import feature_scorer, score_folders
+from ._common import feature_scorer, score_augmented, score_folders
 
 # The strongest detector that needs only ID data: the scalar sum's sign is a bet that fails
-# on many OOD kinds (README, "Why the sign"), and mlp needs labelled OOD samples.
-DEFAULT_DETECTOR = "mahalanobis"
+# on many OOD kinds (README, "Why the sign"), mlp needs labelled OOD samples, and one
+# Gaussian for all classes (mahalanobis) lets through OOD that resembles an average class
+# (README, "Calibrated OOD flags").
+DEFAULT_DETECTOR = "class_mahalanobis"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradnorm-calibrate", description=__doc__.split("\n")[0])
     p.add_argument("archive", help="the .mar to calibrate")
     p.add_argument("--id", required=True, dest="id_dir", help="folder of in-distribution samples")
+    p.add_argument(
+        "--augment",
+        type=int,
+        nargs="?",
+        const=4,
+        default=0,
+        metavar="COPIES",
+        help="also fit on COPIES (default 4) augmented copies of every ID picture",
+    )
     p.add_argument("--ood", action="append", default=[], help="folder of OOD samples (repeatable)")
     p.add_argument("--tpr", type=float, default=0.95, help="share of ID samples not flagged")
     p.add_argument(
@@ -82,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         scorer, decoder = feature_scorer(archive)
         scored_id = score_folders(scorer, decoder, [args.id_dir], args.batch_size)
         id_features = next(iter(scored_id.values())).features
+        n_augmented = 0
+        if args.augment:
+            augmented = score_augmented(
+                scorer, decoder, args.id_dir, args.augment, args.batch_size
+            ).features
+            n_augmented = len(augmented)
+            id_features = Features.concat([id_features, augmented])
         scored_ood = score_folders(scorer, decoder, args.ood, args.batch_size)
         ood_features = (
             Features.concat([s.features for s in scored_ood.values()]) if scored_ood else None
@@ -94,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             config=archive.config,
             parameters=scorer.selected,
             weights_sha256=archive.weights_sha256(),
+            n_augmented=n_augmented,
         )
     print(
         f"{cal.detector}: threshold {cal.threshold:.6g} flags {1 - cal.achieved_tpr:.1%} "
         f"of {cal.n_id} ID samples (target TPR {cal.tpr:g}, reached {cal.achieved_tpr:.3f})"
+        + (f"; fitted with {cal.n_augmented} augmented copies too" if cal.n_augmented else "")
     )
     ood_scores = {name: detector.score(s.features) for name, s in scored_ood.items()}
-    id_scores = detector.score(id_features)
+    id_scores = detector.score(id_features)[: cal.n_id]
     for name, scores in ood_scores.items():
         labels = np.r_[np.zeros(len(id_scores)), np.ones(len(scores))]
         auroc = ood_metrics(np.r_[id_scores, scores], labels)["AUROC"]
