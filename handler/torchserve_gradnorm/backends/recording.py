@@ -43,6 +43,21 @@ IN_PLACE = {
 }
 
 
+# Calls that turn a tensor into a Python value. On a per-sample tensor vmap refuses them
+# (a branch that could differ between samples); HF's mask helpers ask ``mask.all()``, GPT-2
+# ``pad_id in input_ids``. Each sample's own forward would see its own value, so when every
+# sample gives the same value, that value is the answer for all of them.
+VALUE_QUERIES = {
+    Tensor.__bool__,
+    Tensor.item,
+    Tensor.__int__,
+    Tensor.__float__,
+    Tensor.__index__,
+    Tensor.__contains__,
+    Tensor.tolist,
+}
+
+
 def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
 
@@ -120,6 +135,8 @@ class UseRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in VALUE_QUERIES and args and functorch.is_batchedtensor(args[0]):
+            return self._common_value(func, args, kwargs)
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
@@ -133,6 +150,17 @@ class UseRecorder(TorchFunctionMode):
         ):
             return func(*args, **kwargs)
         return self._record(func, leaves, spec, tracked)
+
+    def _common_value(self, func, args: tuple, kwargs: dict):
+        if any(isinstance(a, Tensor) and functorch.is_batchedtensor(a) for a in args[1:]):
+            raise BackendUnsupported(f"{_name(func)} on per-sample tensors")
+        samples = self._physical(args[0])
+        values = [func(sample, *args[1:], **kwargs) for sample in samples]
+        if any(v != values[0] for v in values[1:]):
+            raise BackendUnsupported(
+                f"data-dependent control flow ({_name(func)}) that differs between samples"
+            )
+        return values[0]
 
     def _record(self, func, leaves: list, spec, tracked: list[int]):
         replay = func
