@@ -65,7 +65,14 @@ def _timm(name: str, **kwargs) -> nn.Module:
 
 
 def timm_efficientnet_b0():
-    return _timm("efficientnet_b0"), images(32)
+    # efficientnet_b0's own builder, narrower and shallower (the registered name fixes both
+    # multipliers at 1.0): the same stem, MBConv/SE blocks, BatchNormAct2d and head
+    from timm.models.efficientnet import _gen_efficientnet
+
+    model = _gen_efficientnet(
+        "efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.3, num_classes=CLASSES
+    )
+    return model, images(32)
 
 
 def timm_convnext_nano():
@@ -91,7 +98,7 @@ def timm_deit_tiny():
 
 
 def timm_mobilevitv2():
-    return _timm("mobilevitv2_050"), images(64)
+    return _timm("mobilevitv2_050"), images(32)
 
 
 # --- Hugging Face ------------------------------------------------------------------------
