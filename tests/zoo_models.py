@@ -98,7 +98,11 @@ def timm_deit_tiny():
 
 
 def timm_mobilevitv2():
-    return _timm("mobilevitv2_050"), images(32)
+    # mobilevitv2_050's configuration at a quarter of the width instead of half
+    from timm.models.byobnet import ByobNet
+    from timm.models.mobilevit import _mobilevitv2_cfg
+
+    return ByobNet(_mobilevitv2_cfg(multiplier=0.25), num_classes=CLASSES), images(32)
 
 
 # --- Hugging Face ------------------------------------------------------------------------

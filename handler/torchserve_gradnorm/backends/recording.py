@@ -58,6 +58,14 @@ VALUE_QUERIES = {
 }
 
 
+CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d}
+ATTENTION = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+          enable_gqa=False): ...
+
+
 def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
 
@@ -138,7 +146,7 @@ class UseRecorder(TorchFunctionMode):
         if func in VALUE_QUERIES and args and functorch.is_batchedtensor(args[0]):
             return self._common_value(func, args, kwargs)
         if not torch.is_grad_enabled():
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         tracked = [
             i
@@ -148,8 +156,67 @@ class UseRecorder(TorchFunctionMode):
         if not tracked or not any(
             isinstance(v, Tensor) and functorch.is_batchedtensor(v) for v in leaves
         ):
-            return func(*args, **kwargs)
+            return self._call(func, args, kwargs)
         return self._record(func, leaves, spec, tracked)
+
+    # vmap's own batching of some calls is far slower than the batched call itself (grouped
+    # and depthwise convolutions, CPU attention, which it runs sample by sample); these fold
+    # the samples into the call's own batch dimension instead, the same arithmetic.
+    def _call(self, func, args: tuple, kwargs: dict):
+        if func in CONVOLUTIONS:
+            folded = self._folded_conv(func, args, kwargs)
+        elif func is ATTENTION:
+            folded = self._folded_attention(args, kwargs)
+        else:
+            folded = None
+        return func(*args, **kwargs) if folded is None else folded
+
+    def _unbatched(self, *values) -> bool:
+        return not any(isinstance(v, Tensor) and functorch.is_batchedtensor(v) for v in values)
+
+    def _fold(self, t: Tensor) -> Tensor:
+        p = self._physical(t)
+        return p.reshape(-1, *p.shape[2:])
+
+    def _unfold(self, out: Tensor, batch: int) -> Tensor:
+        return functorch._add_batch_dim(out.reshape(batch, -1, *out.shape[1:]), 0, self.level)
+
+    def _folded_conv(self, func, args: tuple, kwargs: dict):
+        if not args or kwargs or not functorch.is_batchedtensor(args[0]):
+            return None
+        x, rest = args[0], args[1:]
+        if not self._unbatched(*rest) or x.dim() != rest[0].dim():
+            return None  # a per-sample weight, or an unbatched (C, *spatial) input
+        batch = self._physical(x).shape[0]
+        return self._unfold(func(self._fold(x), *rest), batch)
+
+    def _folded_attention(self, args: tuple, kwargs: dict):
+        import inspect
+
+        try:
+            bound = inspect.signature(_sdpa).bind(*args, **kwargs)
+        except TypeError:
+            return None
+        a = bound.arguments
+        q, k, v = a["query"], a["key"], a["value"]
+        mask = a.get("attn_mask")
+        if a.get("dropout_p", 0.0) or a.get("enable_gqa", False) or q.dim() != 4:
+            return None
+        if not all(functorch.is_batchedtensor(t) for t in (q, k, v)):
+            return None
+        batch, n = self._physical(q).shape[:2]
+        if mask is not None:
+            if functorch.is_batchedtensor(mask):
+                m = self._physical(mask)
+                m = m.reshape(batch, *[1] * (5 - m.dim()), *m.shape[1:])
+                m = m.expand(batch, n, *m.shape[2:]).reshape(batch * n, *m.shape[2:])
+            elif mask.dim() == 4 and mask.shape[0] != 1:
+                return None
+            else:
+                m = mask
+            a["attn_mask"] = m
+        a["query"], a["key"], a["value"] = self._fold(q), self._fold(k), self._fold(v)
+        return self._unfold(ATTENTION(**a), batch)
 
     def _common_value(self, func, args: tuple, kwargs: dict):
         if any(isinstance(a, Tensor) and functorch.is_batchedtensor(a) for a in args[1:]):
@@ -182,7 +249,7 @@ class UseRecorder(TorchFunctionMode):
                     physical[id(v)] = p.clone() if replay is not func else p
                 recorded[i] = physical[id(v)]
         args, kwargs = tree_unflatten(leaves, spec)
-        out = func(*args, **kwargs)
+        out = self._call(func, args, kwargs)
 
         outputs, edges, dims, views = [], [], [], []
         watched: list[Tensor] = []
