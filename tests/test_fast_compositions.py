@@ -116,7 +116,10 @@ def test_fast_equals_loop_on_random_compositions(case):
     )(x)
     for name in want.per_layer:
         torch.testing.assert_close(
-            got.per_layer[name], want.per_layer[name], rtol=RTOL, atol=ATOL,
+            got.per_layer[name],
+            want.per_layer[name],
+            rtol=RTOL,
+            atol=ATOL,
             msg=lambda m, name=name: f"{model.pieces}, {method}, {name}: {m}",
         )
     torch.testing.assert_close(got.logits, want.logits, rtol=RTOL, atol=ATOL)

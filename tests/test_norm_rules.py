@@ -380,7 +380,9 @@ class PositionsAndClassToken(nn.Module):
 
 
 NOW_EXACT = [
-    pytest.param(lambda: classifier(ScaledLinear(4, 3), inputs(4)), inputs(4), id="subclass-own-forward"),
+    pytest.param(
+        lambda: classifier(ScaledLinear(4, 3), inputs(4)), inputs(4), id="subclass-own-forward"
+    ),
     pytest.param(
         lambda: classifier(nn.Conv2d(2, 3, 2, padding="same"), inputs(2, 4, 4)),
         inputs(2, 4, 4),
@@ -392,8 +394,12 @@ NOW_EXACT = [
         id="batchnorm-without-running-stats",
     ),
     pytest.param(SharedLayer, inputs(4), id="layer-called-twice"),
-    pytest.param(TiedFunctionalHead, torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]]), id="tied-F.linear"),
-    pytest.param(TiedModuleHead, torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]]), id="tied-Linear-head"),
+    pytest.param(
+        TiedFunctionalHead, torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]]), id="tied-F.linear"
+    ),
+    pytest.param(
+        TiedModuleHead, torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]]), id="tied-Linear-head"
+    ),
     pytest.param(PositionsAndClassToken, inputs(3, 2), id="class-token-positions-scale-bias-table"),
 ]
 

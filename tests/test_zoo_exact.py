@@ -9,10 +9,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from zoo_models import ZOO
 
 from torchserve_gradnorm import GradNormScorer
-
-from zoo_models import ZOO
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
@@ -50,7 +49,10 @@ def test_auto_scores_the_zoo_on_fast_exactly(name, method):
     assert list(got.per_layer) == list(want.per_layer)
     for n in want.per_layer:
         torch.testing.assert_close(
-            got.per_layer[n], want.per_layer[n], rtol=RTOL, atol=ATOL,
+            got.per_layer[n],
+            want.per_layer[n],
+            rtol=RTOL,
+            atol=ATOL,
             msg=lambda m, n=n: f"{name}, {method}, parameter {n}: {m}",
         )
     torch.testing.assert_close(got.logits, want.logits, rtol=RTOL, atol=ATOL)

@@ -39,7 +39,12 @@ def tv_vit():
     from torchvision.models import VisionTransformer
 
     model = VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=24,
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=24,
         num_classes=CLASSES,
     )
     return model, images(32)
@@ -49,7 +54,11 @@ def tv_swin():
     from torchvision.models import SwinTransformer
 
     model = SwinTransformer(
-        patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[2, 2],
         num_classes=CLASSES,
     )
     return model, images(32)
@@ -129,8 +138,13 @@ def _hf(config_name: str, model_name: str, **config) -> tuple[nn.Module, torch.T
     return TokenClassifier(getattr(transformers, model_name)(config)), tokens()
 
 
-SMALL = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-             max_position_embeddings=16)
+SMALL = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    max_position_embeddings=16,
+)
 
 
 def hf_bert():
@@ -147,15 +161,24 @@ def hf_albert():
 
 def hf_distilbert():
     return _hf(
-        "DistilBertConfig", "DistilBertForSequenceClassification",
-        dim=16, n_layers=2, n_heads=2, hidden_dim=24, max_position_embeddings=16,
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        dim=16,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=24,
+        max_position_embeddings=16,
     )
 
 
 def hf_gpt2():
     return _hf(
-        "GPT2Config", "GPT2ForSequenceClassification",
-        n_embd=16, n_layer=2, n_head=2, n_positions=16,
+        "GPT2Config",
+        "GPT2ForSequenceClassification",
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
     )
 
 

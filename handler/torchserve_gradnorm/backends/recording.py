@@ -7,9 +7,9 @@ position-embedding lookup, Swin's gathered relative position bias, a ViT class t
 expanded) are ordinary tensors that require grad; tensors that depend on the input are
 vmap's batched tensors, which know which physical dimension holds the samples. A call that
 takes at least one of each and returns a batched tensor is a *use*: it is recorded with
-its arguments laid out (B, ...) per sample and the autograd node of each output. Calls on parameter-side
-tensors alone stay in the autograd graph: the backend pulls per-sample gradients back
-through them.
+its arguments laid out (B, ...) per sample and the autograd node of each output. Calls on
+parameter-side tensors alone stay in the autograd graph: the backend pulls per-sample
+gradients back through them.
 
 Because the samples' dimension is vmap's own, the rows a rule sees are the batch's samples
 by construction, whatever the model reshapes, transposes or flattens (B*windows, T*B...).
@@ -17,6 +17,7 @@ by construction, whatever the model reshapes, transposes or flattens (B*windows,
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +63,12 @@ CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d}
 ATTENTION = torch.nn.functional.scaled_dot_product_attention
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-          enable_gqa=False): ...
+def _sdpa(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+): ...
+
+
+SDPA_SIGNATURE = inspect.signature(_sdpa)
 
 
 def _name(func: Any) -> str:
@@ -94,12 +99,25 @@ class ViewOfBase:
         if grad_base.stride() != self.base_stride:
             laid_out = grad_base.new_empty_strided(self.base_shape, self.base_stride)
             grad_base = laid_out.copy_(grad_base)
-        return grad_base.as_strided(self.shape, self.stride, grad_base.storage_offset() + self.offset)
+        return grad_base.as_strided(
+            self.shape, self.stride, grad_base.storage_offset() + self.offset
+        )
 
 
-def output_edge(p: Tensor) -> tuple[GradientEdge, ViewOfBase | None]:
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def output_edge(p: Tensor, inputs: set[int]) -> tuple[GradientEdge, ViewOfBase | None]:
+    """The autograd edge to take the gradient of physical output ``p`` at; ``inputs`` are the
+    storages of the call's arguments (a view of one of those is the call's own result)."""
     base = p._base
-    if base is None or base.numel() != p.numel() or base.grad_fn is None:
+    if (
+        base is None
+        or base.numel() != p.numel()
+        or base.grad_fn is None
+        or _storage(base) in inputs
+    ):
         return get_gradient_edge(p), None
     view = ViewOfBase(
         p.shape, p.stride(), p.storage_offset() - base.storage_offset(), base.shape, base.stride()
@@ -191,10 +209,8 @@ class UseRecorder(TorchFunctionMode):
         return self._unfold(func(self._fold(x), *rest), batch)
 
     def _folded_attention(self, args: tuple, kwargs: dict):
-        import inspect
-
         try:
-            bound = inspect.signature(_sdpa).bind(*args, **kwargs)
+            bound = SDPA_SIGNATURE.bind(*args, **kwargs)
         except TypeError:
             return None
         a = bound.arguments
@@ -238,6 +254,7 @@ class UseRecorder(TorchFunctionMode):
         # per-sample arguments, physically (B, ...), detached; an in-place call's target is
         # copied first, since the call overwrites it
         physical: dict[int, Tensor] = {}
+        storages: set[int] = set()
         input_nodes = []
         recorded = list(leaves)
         for i, v in enumerate(leaves):
@@ -245,9 +262,11 @@ class UseRecorder(TorchFunctionMode):
                 if id(v) not in physical:
                     p = self._physical(v)
                     input_nodes.append(p.grad_fn)
+                    storages.add(_storage(p))
                     p = p.detach()
                     physical[id(v)] = p.clone() if replay is not func else p
                 recorded[i] = physical[id(v)]
+        storages.update(_storage(leaves[i]) for i in tracked)
         args, kwargs = tree_unflatten(leaves, spec)
         out = self._call(func, args, kwargs)
 
@@ -261,7 +280,7 @@ class UseRecorder(TorchFunctionMode):
                 continue
             outputs.append(k)
             dims.append(functorch.maybe_get_bdim(o))
-            edge, view = output_edge(p)
+            edge, view = output_edge(p, storages)
             edges.append(edge)
             views.append(view)
             self.continue_at.setdefault(id(edge.node), []).extend(

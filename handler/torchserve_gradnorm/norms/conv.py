@@ -56,7 +56,10 @@ def conv_spec(arguments: dict) -> ConvSpec:
     elif padding == "same":
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight.shape[2:]))
     return ConvSpec(
-        weight, _tuple(arguments["stride"], dims), _tuple(padding, dims), dilation,
+        weight,
+        _tuple(arguments["stride"], dims),
+        _tuple(padding, dims),
+        dilation,
         arguments["groups"],
     )
 
@@ -184,8 +187,13 @@ def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): 
 
 
 @register(
-    F.conv1d, F.conv2d, F.conv3d,
-    signature=_conv, per_sample=("input",), params=("weight", "bias"), check=_check,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    signature=_conv,
+    per_sample=("input",),
+    params=("weight", "bias"),
+    check=_check,
 )
 def conv_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     spec = conv_spec(call.bound)

@@ -45,8 +45,13 @@ def _finish(grads: dict[str, Tensor], want: Want, kind: str) -> dict[str, Tensor
 
 
 @register(
-    torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__,
-    signature=_binary, per_sample=("input", "other"), params=("input", "other"),
+    torch.add,
+    Tensor.add,
+    Tensor.__add__,
+    Tensor.__radd__,
+    signature=_binary,
+    per_sample=("input", "other"),
+    params=("input", "other"),
     check=_no_alpha,
 )
 def add_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
@@ -58,8 +63,13 @@ def _mul(input, other): ...
 
 
 @register(
-    torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__,
-    signature=_mul, per_sample=("input", "other"), params=("input", "other"),
+    torch.mul,
+    Tensor.mul,
+    Tensor.__mul__,
+    Tensor.__rmul__,
+    signature=_mul,
+    per_sample=("input", "other"),
+    params=("input", "other"),
 )
 def mul_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     (g,) = call.grad_outputs

@@ -17,7 +17,12 @@ from .registry import OpCall, Want, register
 
 
 def _embedding(
-    input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+    input,
+    weight,
+    padding_idx=None,
+    max_norm=None,
+    norm_type=2.0,
+    scale_grad_by_freq=False,
     sparse=False,
 ): ...
 
@@ -31,7 +36,11 @@ def _check(arguments: dict) -> str | None:
 
 
 @register(
-    F.embedding, signature=_embedding, per_sample=("input",), params=("weight",), check=_check,
+    F.embedding,
+    signature=_embedding,
+    per_sample=("input",),
+    params=("weight",),
+    check=_check,
 )
 def embedding_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a = call.bound

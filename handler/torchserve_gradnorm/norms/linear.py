@@ -52,7 +52,9 @@ def product_norms(a: Tensor, g: Tensor, want: Want, kind: str, weight: str, bias
 def _linear(input, weight, bias=None): ...
 
 
-@register(torch.nn.functional.linear, signature=_linear, per_sample=("input",), params=("weight", "bias"))
+@register(
+    torch.nn.functional.linear, signature=_linear, per_sample=("input",), params=("weight", "bias")
+)
 def linear_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     x, (g,) = call.bound["input"], call.grad_outputs
     a = x.reshape(len(x), -1, x.shape[-1])
@@ -68,7 +70,13 @@ def _addmm_check(arguments: dict) -> str | None:
     return None
 
 
-@register(torch.addmm, signature=_addmm, per_sample=("mat1",), params=("input", "mat2"), check=_addmm_check)
+@register(
+    torch.addmm,
+    signature=_addmm,
+    per_sample=("mat1",),
+    params=("input", "mat2"),
+    check=_addmm_check,
+)
 def addmm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a, (g,) = call.bound["mat1"], call.grad_outputs
     out = product_norms(a, g, want, kind, "mat2", "input")

@@ -35,7 +35,13 @@ def channels_last(t: Tensor, batch: int) -> Tensor:
 
 
 def _batch_norm(
-    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
     eps=1e-5,
 ): ...
 
@@ -47,7 +53,10 @@ def _batchnorm_check(arguments: dict) -> str | None:
 
 
 @register(
-    F.batch_norm, signature=_batch_norm, per_sample=("input",), params=("weight", "bias"),
+    F.batch_norm,
+    signature=_batch_norm,
+    per_sample=("input",),
+    params=("weight", "bias"),
     check=_batchnorm_check,
 )
 def batchnorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
@@ -68,7 +77,10 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
 
 
 @register(
-    F.layer_norm, signature=_layer_norm, per_sample=("input",), params=("weight", "bias"),
+    F.layer_norm,
+    signature=_layer_norm,
+    per_sample=("input",),
+    params=("weight", "bias"),
 )
 def layernorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a = call.bound
@@ -84,7 +96,10 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
 
 
 @register(
-    F.group_norm, signature=_group_norm, per_sample=("input",), params=("weight", "bias"),
+    F.group_norm,
+    signature=_group_norm,
+    per_sample=("input",),
+    params=("weight", "bias"),
 )
 def groupnorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a = call.bound
