@@ -81,7 +81,7 @@ def timm_efficientnet_b0():
     model = _gen_efficientnet(
         "efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.3, num_classes=CLASSES
     )
-    return model, images(32)
+    return model, images(16)
 
 
 def timm_convnext_nano():
@@ -111,7 +111,7 @@ def timm_mobilevitv2():
     from timm.models.byobnet import ByobNet
     from timm.models.mobilevit import _mobilevitv2_cfg
 
-    return ByobNet(_mobilevitv2_cfg(multiplier=0.25), num_classes=CLASSES), images(32)
+    return ByobNet(_mobilevitv2_cfg(multiplier=0.25), num_classes=CLASSES), images(16)
 
 
 # --- Hugging Face ------------------------------------------------------------------------
