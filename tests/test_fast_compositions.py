@@ -7,6 +7,7 @@ fast and its per-parameter norms equal the loop backend's.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,25 +50,29 @@ class Composition(nn.Module):
         self.tied = tied and embed
         self.head = None if self.tied else nn.Linear(DIM, 3)
 
+    @staticmethod
+    def apply(piece: str, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if piece == "linear":
+            return torch.tanh(layer(h))
+        if piece == "layernorm":
+            return layer(h)
+        if piece in ("groupnorm", "conv"):
+            return layer(h.transpose(1, 2)).transpose(1, 2)
+        if piece == "attention":
+            return h + layer(h, h, h, need_weights=False)[0]
+        if piece == "position":
+            return h + layer[0]
+        return h * layer[0].reshape(1, 1, -1)  # scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)  # (B, T, D)
-        first_linear = None
+        first: tuple[str, nn.Module] | None = None  # the first layer, to reuse
         for piece, layer in zip(self.pieces, self.layers):
-            if piece == "linear":
-                first_linear = first_linear or layer
-                h = torch.tanh(layer(h))
-            elif piece == "reuse":  # the first Linear again, when there is one: shared weights
-                h = torch.tanh((first_linear or layer)(h))
-            elif piece in ("layernorm",):
-                h = layer(h)
-            elif piece in ("groupnorm", "conv"):
-                h = layer(h.transpose(1, 2)).transpose(1, 2)
-            elif piece == "attention":
-                h = h + layer(h, h, h, need_weights=False)[0]
-            elif piece == "position":
-                h = h + layer[0]
-            else:
-                h = h * layer[0].reshape(1, 1, -1)
+            if piece == "reuse":  # the first layer again (shared weights), or a new Linear
+                h = self.apply(*(first or ("linear", layer)), h)
+                continue
+            first = first or (piece, layer)
+            h = self.apply(piece, layer, h)
         if self.cls is not None:
             h = torch.cat([self.cls.expand(len(h), -1, -1), h], dim=1)
         pooled = torch.tanh(h.mean(1))
@@ -97,16 +102,7 @@ def compositions(draw):
     return model, x, method, chosen
 
 
-@settings(
-    max_examples=30,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-@given(compositions())
-def test_fast_equals_loop_on_random_compositions(case):
-    model, x, method, chosen = case
+def assert_fast_equals_loop(model, x, method, chosen=None) -> None:
     param_filter = None if chosen is None else set(chosen).__contains__
     auto = GradNormScorer(model, method=method, param_filter=param_filter, per_layer=True)
     got = auto(x)
@@ -123,3 +119,30 @@ def test_fast_equals_loop_on_random_compositions(case):
             msg=lambda m, name=name: f"{model.pieces}, {method}, {name}: {m}",
         )
     torch.testing.assert_close(got.logits, want.logits, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", ["confounding", "kl"])
+@pytest.mark.parametrize("piece", [p for p in PIECES if p != "reuse"])
+def test_fast_equals_loop_when_a_piece_is_used_twice(piece, method):
+    """Each rule's per-sample gradient branch ("grad", summed over uses), not only its norm."""
+    model = Composition([piece, "linear", "reuse"], embed=False, class_token=False, tied=False)
+    model = model.double().eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.7 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    x = torch.randn(3, TOKENS, 2, generator=generator, dtype=torch.float64)
+    assert_fast_equals_loop(model, x, method)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(compositions())
+def test_fast_equals_loop_on_random_compositions(case):
+    model, x, method, chosen = case
+    assert_fast_equals_loop(model, x, method, chosen)
