@@ -482,3 +482,24 @@ def test_fast_backend_refuses_embedding_max_norm_which_rewrites_the_weight_durin
     model = classifier(nn.Embedding(8, 3, max_norm=1.0), TOKENS3)
     with pytest.raises(BackendUnsupported):
         GradNormScorer(model, backend="fast")(TOKENS3)
+
+
+def test_multihead_attention_is_scored_through_its_projections_not_the_fallback(monkeypatch):
+    """nn.MultiheadAttention without masks is replayed as its packed in-projection, attention
+    and out-projection, so its weights get the linear rule's norms, not a per-sample vjp."""
+    from torchserve_gradnorm.backends import fast as fast_backend
+
+    from models import TinyTransformer
+
+    fallbacks = []
+    real = fast_backend.per_sample_vjp
+
+    def spy(call, *rest):
+        fallbacks.append(call.func)
+        return real(call, *rest)
+
+    monkeypatch.setattr(fast_backend, "per_sample_vjp", spy)
+    model = randomize_(TinyTransformer().double().eval())
+    for method in METHODS:
+        assert_fast_matches_loop(model, TOKENS3, method)
+    assert fallbacks == []

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import BackendUnsupported
+from .decompositions import DECOMPOSITIONS
 
 # In-place calls that can meet a parameter-side operand, and their out-of-place forms (the
 # rules replay calls and must not modify the recorded input).
@@ -163,6 +164,11 @@ class UseRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in VALUE_QUERIES and args and functorch.is_batchedtensor(args[0]):
             return self._common_value(func, args, kwargs)
+        if func in DECOMPOSITIONS:
+            with self:  # the parts are recorded one by one
+                out = DECOMPOSITIONS[func](*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if not torch.is_grad_enabled():
             return self._call(func, args, kwargs)
         leaves, spec = tree_flatten((args, kwargs))
