@@ -89,7 +89,9 @@ def register(
     params: tuple[str, ...],
     check: CheckFn | None = None,
 ) -> Callable[[RuleFn], RuleFn]:
-    """``signature`` is a stub with the torch function's argument names and defaults."""
+    """``signature`` is a stub with the torch function's argument names and defaults;
+    ``check`` names calls outside the rule's closed form (batch statistics, asymmetric
+    padding...), which then go to the functional rule."""
 
     def decorate(fn: RuleFn) -> RuleFn:
         rule = OpRule(
