@@ -80,18 +80,34 @@ def correct(answer: dict, picture: Path) -> bool:
 # --- out of memory inside scoring ------------------------------------------------------------
 
 
-def out_of_memory_above(model: torch.nn.Module, rows: int):
-    """Make every forward pass of more than ``rows`` samples fail like a full CUDA device."""
+class _Restore:
+    def __init__(self, backend, cls) -> None:
+        self.backend, self.cls = backend, cls
+
+    def remove(self) -> None:
+        self.backend.__class__ = self.cls
+
+
+def out_of_memory_above(scorer, rows: int):
+    """Make the scorer's backend fail like a full CUDA device on more than ``rows`` samples.
+
+    (The backend, not a forward hook: the fast backend's forward sees one sample at a time
+    under vmap.)"""
     seen: list[int] = []
+    backend = scorer._candidates[0]
+    cls = type(backend)
 
-    def hook(module, args):
-        seen.append(len(args[0]))
-        if len(args[0]) > rows:
-            raise torch.OutOfMemoryError(
-                "CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"
-            )
+    class OutOfMemory(cls):
+        def __call__(self, x):
+            seen.append(len(x))
+            if len(x) > rows:
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"
+                )
+            return cls.__call__(self, x)
 
-    return model.register_forward_pre_hook(hook), seen
+    backend.__class__ = OutOfMemory
+    return _Restore(backend, cls), seen
 
 
 def make_service() -> GradNormService:
@@ -105,7 +121,7 @@ def make_service() -> GradNormService:
 def test_out_of_memory_in_a_served_batch_is_retried_in_smaller_chunks(caplog):
     service = make_service()
     pictures = PICTURES[:8]
-    handle, seen = out_of_memory_above(service.scorer.model, rows=2)
+    handle, seen = out_of_memory_above(service.scorer, rows=2)
     with caplog.at_level(logging.WARNING, logger="torchserve_gradnorm"):
         replies = service.handle([{"body": p.read_bytes()} for p in pictures])
     handle.remove()
@@ -116,7 +132,7 @@ def test_out_of_memory_in_a_served_batch_is_retried_in_smaller_chunks(caplog):
     assert service.scorer.backend == "fast"  # an out-of-memory is no reason to change backend
     assert "out of memory; retrying with micro_batch_size=2" in caplog.text
     # later batches are scored in chunks of 2 straight away
-    handle, seen = out_of_memory_above(service.scorer.model, rows=2)
+    handle, seen = out_of_memory_above(service.scorer, rows=2)
     replies = service.handle([{"body": p.read_bytes()} for p in pictures[:5]])
     handle.remove()
     assert [r.status for r in replies] == [200] * 5 and seen == [2, 2, 1]
@@ -125,7 +141,7 @@ def test_out_of_memory_in_a_served_batch_is_retried_in_smaller_chunks(caplog):
 def test_out_of_memory_even_for_one_sample_fails_the_requests_not_the_worker():
     service = make_service()
     pictures = PICTURES[:3]
-    handle, _ = out_of_memory_above(service.scorer.model, rows=0)
+    handle, _ = out_of_memory_above(service.scorer, rows=0)
     replies = service.handle([{"body": p.read_bytes()} for p in pictures])  # must not raise
     handle.remove()
     for reply in replies:
@@ -139,7 +155,7 @@ def test_out_of_memory_even_for_one_sample_fails_the_requests_not_the_worker():
 
 def test_out_of_memory_even_for_one_sample_is_a_server_error():
     service = make_service()
-    handle, _ = out_of_memory_above(service.scorer.model, rows=0)
+    handle, _ = out_of_memory_above(service.scorer, rows=0)
     replies = service.handle([{"body": PICTURES[0].read_bytes()}])
     handle.remove()
     assert replies[0].status == 503

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from torchserve_gradnorm import GradNormScorer
+from torchserve_gradnorm.config import InputConfig, LimitsConfig
+from torchserve_gradnorm.text import TextEncoder
 
 from hf_models import TEXT_MODELS, autograd_reference, text_classifier, tokenizer, vit_classifier
 
@@ -20,6 +22,23 @@ def test_a_padded_batch_scores_every_text_as_if_it_were_alone_and_unpadded(kind)
     batch = dict(tok(TEXTS, padding="longest", return_tensors="pt"))
     assert (batch["attention_mask"] == 0).any(), "the batch should hold padding"
     result = GradNormScorer(model)(batch)
+    for i, text in enumerate(TEXTS):
+        logits, score = autograd_reference(model, dict(tok([text], return_tensors="pt")))
+        torch.testing.assert_close(result.logits[i], logits, rtol=1e-6, atol=0)
+        assert result.ood_score[i].item() == pytest.approx(score, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", TEXT_MODELS)
+def test_the_served_text_batches_are_scored_exactly_on_the_fast_backend(kind):
+    # the handler's padding gives every text a masked position, so that transformers takes
+    # the same mask branch for all of them and fast can score them together
+    tok = tokenizer(kind)
+    model = text_classifier(kind, len(tok), tok.pad_token_id)
+    encoder = TextEncoder(tok, InputConfig(kind="text"), LimitsConfig())
+    batch = encoder.pad([dict(tok(text)) for text in TEXTS])
+    scorer = GradNormScorer(model)
+    result = scorer(batch)
+    assert scorer.backend == "fast"
     for i, text in enumerate(TEXTS):
         logits, score = autograd_reference(model, dict(tok([text], return_tensors="pt")))
         torch.testing.assert_close(result.logits[i], logits, rtol=1e-6, atol=0)

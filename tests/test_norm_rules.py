@@ -282,6 +282,7 @@ def test_normalization_rule_matches_loop(layer, shape, method):
 
 # --- Embedding -----------------------------------------------------------------------------
 
+TOKENS3 = torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]])
 REPEATS = torch.tensor([[1, 2, 1, 3, 1], [4, 4, 4, 4, 4], [5, 6, 7, 0, 2]])
 PADDED = torch.tensor([[0, 1, 0, 1, 2], [0, 0, 0, 0, 0], [3, 0, 3, 4, 5]])
 
@@ -304,7 +305,7 @@ def test_embedding_rule_matches_loop(layer, ids, method):
     assert_fast_matches_loop(model, ids, method)
 
 
-# --- layers the fast backend refuses when it is built --------------------------------------
+# --- what the per-operation recording scores that per-module hooks could not ----------------
 
 
 class ScaledLinear(nn.Linear):
@@ -312,50 +313,6 @@ class ScaledLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 2 * super().forward(x)
-
-
-REFUSED_AT_CONSTRUCTION = [
-    pytest.param(nn.Embedding(8, 3, max_norm=1.0), torch.tensor([[1, 2]]), id="embedding-max-norm"),
-    pytest.param(
-        nn.Embedding(8, 3, scale_grad_by_freq=True),
-        torch.tensor([[1, 2]]),
-        id="embedding-scale-grad-by-freq",
-    ),
-    pytest.param(
-        nn.BatchNorm2d(2, track_running_stats=False),
-        torch.zeros(1, 2, 3, 3),
-        id="batchnorm-without-running-stats",
-    ),
-    pytest.param(ScaledLinear(4, 3), torch.zeros(1, 4), id="linear-subclass-with-own-forward"),
-    pytest.param(
-        nn.Conv2d(2, 3, 2, padding="same"), torch.zeros(1, 2, 4, 4), id="conv2d-same-even-kernel"
-    ),
-    pytest.param(
-        nn.Conv1d(2, 3, 4, padding="same"), torch.zeros(1, 2, 6), id="conv1d-same-even-kernel"
-    ),
-]
-
-
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
-@pytest.mark.parametrize(("layer", "example"), REFUSED_AT_CONSTRUCTION)
-def test_fast_backend_refuses_layers_it_cannot_score_exactly(layer, example):
-    model = Classifier(layer, example).eval()
-    with pytest.raises(ValueError, match="backend 'fast' cannot score this model"):
-        GradNormScorer(model, backend="fast")
-    assert GradNormScorer(model, backend="auto").backend == "vmap"
-
-
-def test_a_linear_subclass_that_keeps_linear_forward_is_accepted():
-    class MyLinear(nn.Linear):
-        pass
-
-    x = inputs(4)
-    model = classifier(MyLinear(4, 3), x)
-    assert GradNormScorer(model, backend="fast").backend == "fast"
-    assert_fast_matches_loop(model, x, "confounding")
-
-
-# --- graphs the fast backend refuses when it runs ------------------------------------------
 
 
 class SharedLayer(nn.Module):
@@ -399,51 +356,150 @@ class TiedModuleHead(nn.Module):
         return self.head(torch.tanh(self.embed(ids).mean(1)))
 
 
-TOKENS = torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]])
-REFUSED_AT_CALL = [
+class PositionsAndClassToken(nn.Module):
+    """ViT/BERT-style parameters used outside any layer: a class token expanded over the
+    batch and concatenated, a (1, T, D) position table broadcast-added, a per-channel scale
+    reshaped and multiplied, a bias table gathered by a constant index and added."""
+
+    def __init__(self, tokens: int = 3, dim: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.table = nn.Parameter(torch.zeros(5))
+        self.register_buffer("index", torch.tensor([[0, 1, 2, 3], [4, 0, 1, 2]] * 2))
+        self.head = nn.Linear(dim, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)  # (B, T, D)
+        h = torch.cat([self.cls.expand(len(h), -1, -1), h], dim=1) + self.pos
+        h = h * self.scale.reshape(1, 1, -1)
+        h = h + self.table[self.index]  # (T + 1, D) bias, the same for every sample
+        return self.head(torch.tanh(h.mean(1)))
+
+
+NOW_EXACT = [
+    pytest.param(
+        lambda: classifier(ScaledLinear(4, 3), inputs(4)), inputs(4), id="subclass-own-forward"
+    ),
+    pytest.param(
+        lambda: classifier(nn.Conv2d(2, 3, 2, padding="same"), inputs(2, 4, 4)),
+        inputs(2, 4, 4),
+        id="conv2d-same-even-kernel",
+    ),
+    pytest.param(
+        lambda: classifier(nn.BatchNorm2d(2, track_running_stats=False), inputs(2, 3, 3)),
+        inputs(2, 3, 3),
+        id="batchnorm-without-running-stats",
+    ),
     pytest.param(SharedLayer, inputs(4), id="layer-called-twice"),
-    pytest.param(TiedFunctionalHead, TOKENS, id="embedding-weight-reused-by-F.linear"),
-    pytest.param(TiedModuleHead, TOKENS, id="embedding-weight-tied-to-a-Linear-head"),
+    pytest.param(
+        TiedFunctionalHead, torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]]), id="tied-F.linear"
+    ),
+    pytest.param(
+        TiedModuleHead, torch.tensor([[1, 2, 2], [3, 4, 5], [0, 0, 1]]), id="tied-Linear-head"
+    ),
+    pytest.param(PositionsAndClassToken, inputs(3, 2), id="class-token-positions-scale-bias-table"),
 ]
 
 
-@pytest.mark.parametrize(("make", "x"), REFUSED_AT_CALL)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 @pytest.mark.parametrize("method", METHODS)
-def test_fast_backend_refuses_shared_or_tied_weights_when_called(make, x, method):
+@pytest.mark.parametrize(("make", "x"), NOW_EXACT)
+def test_fast_scores_shared_tied_broadcast_and_overridden_layers_exactly(make, x, method):
     model = randomize_(make().double().eval())
-    scorer = GradNormScorer(model, method=method, backend="fast")  # not detectable up front
-    with pytest.raises((ValueError, BackendUnsupported)):
-        scorer(x)
+    assert_fast_matches_loop(model, x, method)
 
 
-@pytest.mark.parametrize(("make", "x"), REFUSED_AT_CALL)
+# --- what the fast backend refuses when it runs --------------------------------------------
+
+
+class ScriptedPart(nn.Module):
+    """A TorchScript submodule inside an eager model: the recorder cannot see its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.jit.script(nn.Linear(4, 4))
+        self.head = nn.Linear(4, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)))
+
+
+class ModifiesInputAfterUse(nn.Module):
+    """Changes, in place, a tensor that a broadcast add has already consumed (autograd
+    itself does not mind: add keeps no input for its backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.shift = nn.Parameter(torch.zeros(4))
+        self.head = nn.Linear(4, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        y = h + self.shift
+        h.add_(1.0)
+        return self.head(torch.tanh(y * h))
+
+
+class AsksForAValue(nn.Module):
+    """Data-dependent control flow: a per-sample forward cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.sum().item() > 0 else -self.a(x)
+
+
+REFUSED_AT_CALL = [
+    pytest.param(ScriptedPart, "cannot see", id="parameter-used-inside-torchscript"),
+    pytest.param(ModifiesInputAfterUse, "modified in place", id="input-modified-after-use"),
+    pytest.param(AsksForAValue, "differs between samples", id="item-in-forward"),
+]
+
+
+@pytest.mark.parametrize(("make", "reason"), REFUSED_AT_CALL)
 @pytest.mark.parametrize("method", METHODS)
-def test_auto_falls_back_to_vmap_for_shared_or_tied_weights_and_matches_loop(make, x, method):
+def test_fast_backend_refuses_what_it_cannot_prove_exact_and_auto_falls_back(make, reason, method):
     model = randomize_(make().double().eval())
+    x = inputs(4)
+    fast = GradNormScorer(model, method=method, backend="fast")
+    with pytest.raises(BackendUnsupported, match=reason):
+        fast(x)
     auto = GradNormScorer(model, method=method, backend="auto", per_layer=True)
-    assert auto.backend == "fast"
     got = auto(x)
-    assert auto.backend == "vmap"
+    assert auto.backend != "fast"
     want = GradNormScorer(model, method=method, backend="loop", per_layer=True)(x)
-    assert list(got.per_layer) == list(want.per_layer)
-    for name in want.per_layer:
-        torch.testing.assert_close(got.per_layer[name], want.per_layer[name], rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(got.logits, want.logits, rtol=RTOL, atol=ATOL)
 
 
-def test_fast_backend_refuses_a_layer_that_runs_twice_only_after_a_clean_first_call():
-    """The graph is inspected on the first call only; the call count is checked every time."""
-    model = randomize_(SharedLayer(passes=1).double().eval())
-    x = inputs(4)
-    fast = GradNormScorer(model, backend="fast")
-    auto = GradNormScorer(model, backend="auto")
-    fast(x), auto(x)
-    assert auto.backend == "fast"
-    model.passes = 2
-    with pytest.raises((ValueError, BackendUnsupported)):
-        fast(x)
-    got = auto(x)
-    assert auto.backend == "vmap"
-    want = GradNormScorer(model, backend="loop")(x)
-    torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=RTOL, atol=ATOL)
+def test_fast_backend_refuses_embedding_max_norm_which_rewrites_the_weight_during_forward():
+    model = classifier(nn.Embedding(8, 3, max_norm=1.0), TOKENS3)
+    with pytest.raises(BackendUnsupported):
+        GradNormScorer(model, backend="fast")(TOKENS3)
+
+
+def test_multihead_attention_is_scored_through_its_projections_not_the_fallback(monkeypatch):
+    """nn.MultiheadAttention without masks is replayed as its packed in-projection, attention
+    and out-projection, so its weights get the linear rule's norms, not a per-sample vjp."""
+    from torchserve_gradnorm.backends import fast as fast_backend
+
+    from models import TinyTransformer
+
+    fallbacks = []
+    real = fast_backend.per_sample_vjp
+
+    def spy(call, *rest):
+        fallbacks.append(call.func)
+        return real(call, *rest)
+
+    monkeypatch.setattr(fast_backend, "per_sample_vjp", spy)
+    model = randomize_(TinyTransformer().double().eval())
+    for method in METHODS:
+        assert_fast_matches_loop(model, TOKENS3, method)
+    assert fallbacks == []

@@ -187,8 +187,20 @@ class TextEncoder:
         return {k: list(v) for k, v in tokens.items()}
 
     def pad(self, samples: Sequence[Tokens]) -> dict[str, torch.Tensor]:
-        """One batch, padded on the right to its longest sample, with the attention mask."""
-        batch = self.tokenizer.pad(list(samples), padding="longest", return_tensors="pt")
+        """One batch, padded on the right past its longest sample, with the attention mask.
+
+        One position more than the longest sample (within the model's maximum length) gives
+        every sample a masked position: transformers skips the mask for a sample with none
+        (``mask.all()``), a branch that would then differ between the samples of the batch
+        and keep the fast backend from scoring them together. Scores do not depend on
+        padding, so the extra position changes no answer.
+        """
+        samples = list(samples)
+        longest = max(len(s["input_ids"]) for s in samples)
+        length = longest + 1 if not self.max_length else min(longest + 1, self.max_length)
+        batch = self.tokenizer.pad(
+            samples, padding="max_length", max_length=length, return_tensors="pt"
+        )
         return {
             name: tensor
             for name, tensor in batch.items()

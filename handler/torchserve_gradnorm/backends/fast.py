@@ -1,19 +1,27 @@
-"""fast backend: exact per-sample norms from one forward and one backward to layer outputs.
+"""fast backend: exact per-sample norms from one forward and one backward to the points where
+the parameters meet the batch.
 
-Forward hooks keep each selected module's input and the autograd edge of its output; one
-``torch.autograd.grad`` of the summed per-sample losses with respect to those edges gives
-every sample's output gradient, and a per-layer rule (``norms/``) turns input and output
-gradient into the per-sample norm without building a per-sample gradient of the whole
-model. Autograd computes no weight gradients, and stops at the earliest selected layer.
+1. The forward runs once, batched, under ``torch.func.vmap`` with a ``UseRecorder``
+   (recording.py): every torch call where a selected parameter (or a tensor computed from
+   parameters alone) meets per-sample data is recorded with its per-sample arguments.
+2. One ``torch.autograd.grad`` of the summed per-sample losses with respect to the outputs
+   of those calls gives every sample's output gradient there; autograd computes no weight
+   gradient.
+3. A rule per torch function (``norms/``: linear, addmm, conv, the norms, embedding,
+   broadcast add and mul) turns each call's inputs and output gradient into per-sample
+   norms without building per-sample gradients where a closed form exists; any other call
+   (MultiheadAttention, ``cat`` with a class token, ...) gets its per-sample gradients from
+   a vmap'd vjp of that call alone.
+4. A parameter used more than once (shared layers, tied embeddings) or through
+   parameter-only computations (an expanded class token, a gathered bias table) has its
+   per-sample gradients built, summed over its uses (cross terms count), and pulled back
+   through those computations with one batched ``autograd.grad``; its norm is taken last.
 
-The output *edge* (not the output tensor) is what is differentiated, so a later in-place
-op on the output (ResNet's ``relu(inplace=True)``, ``out += identity``) does not change
-which gradient we get.
-
-Exactness conditions, checked on every call (hooks) or on the first one (graph):
-every selected parameter lives in a module with a rule, that module runs exactly once per
-forward, its input is not modified in place afterwards, and the parameter feeds the graph
-only through that module. Anything else raises ``BackendUnsupported`` and ``auto`` moves on.
+Exactness is checked on every call: every selected parameter must reach the loss only
+through recorded calls (else something the recorder cannot see consumed it), and no
+recorded input may be modified in place afterwards. What fails a check, and anything the
+per-sample forward cannot run (``.item()``, data-dependent control flow, TorchScript),
+raises ``BackendUnsupported`` with the reason, and ``auto`` moves on.
 """
 
 from __future__ import annotations
@@ -22,20 +30,41 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch._C import _functorch as functorch
+from torch.utils._pytree import tree_flatten
 
-from ..norms import rule_for
-from ..outputs import Batch, batch_size
+from ..losses import per_sample_norm
+from ..norms import OpCall, per_sample_vjp, rule_for
+from ..outputs import Batch, batch_size, call_model, first_input, logits_of, map_batch
 from .base import Backend, BackendUnsupported, is_torchscript, requires_grad_only
+from .recording import Use, UseRecorder
 
 
-def _owners(model: nn.Module, selected: list[str]) -> dict[str, dict[str, str]]:
-    """{module name: {local parameter name: full name}} for the selected parameters."""
-    owners: dict[str, dict[str, str]] = defaultdict(dict)
-    for full in selected:
-        module_name, _, local = full.rpartition(".")
-        owners[module_name][local] = full
-    return dict(owners)
+def _parameters_behind(
+    tensors: list[Tensor], wanted: dict[int, str], continue_at: dict[int, list] | None = None
+) -> set[int]:
+    """ids of the wanted parameters that the autograd graphs of ``tensors`` reach; at a node
+    of ``continue_at``, the walk goes on only at the nodes it lists."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in tensors]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if continue_at and id(node) in continue_at:
+            stack.extend(continue_at[id(node)])
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in wanted:
+            found.add(id(var))
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _is_vmap_limit(error: Exception) -> bool:
+    return isinstance(error, RuntimeError) and ("vmap" in str(error) or "functorch" in str(error))
 
 
 class FastBackend(Backend):
@@ -44,108 +73,150 @@ class FastBackend(Backend):
     @classmethod
     def unsupported_reason(cls, model: nn.Module, selected: list[str]) -> str | None:
         if is_torchscript(model):
-            return "forward hooks cannot be attached to a TorchScript model"
-        for module_name, params in _owners(model, selected).items():
-            module = model.get_submodule(module_name)
-            label = module_name or "the root module"
-            rule = rule_for(module)
-            if rule is None:
-                return f"no norm rule for {type(module).__name__} ({label})"
-            unknown = set(params) - rule.params
-            if unknown:
-                return (
-                    f"{type(module).__name__} ({label}) has parameters {sorted(unknown)} "
-                    "that its rule does not cover"
-                )
-            reason = rule.unsupported_reason(module)
-            if reason:
-                return f"{label}: {reason}"
+            return "torch function modes cannot see inside a TorchScript model"
         return None
 
-    def __init__(self, model, selected, method, temperature, output=None) -> None:
-        super().__init__(model, selected, method, temperature, output)
-        self._owners = _owners(model, selected)
-        self._modules = {name: model.get_submodule(name) for name in self._owners}
-        self._rules = {name: rule_for(m) for name, m in self._modules.items()}
-        self._graph_checked = False
-
     def __call__(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        calls: dict[str, list[tuple[Tensor, int, object]]] = defaultdict(list)
-
-        def hook_for(name: str):
-            def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-                if not isinstance(output, Tensor) or output.grad_fn is None:
-                    raise BackendUnsupported(f"{name}: output is not a differentiable tensor")
-                if not inputs or not isinstance(inputs[0], Tensor):
-                    raise BackendUnsupported(f"{name}: called without a positional input tensor")
-                calls[name].append((inputs[0], inputs[0]._version, get_gradient_edge(output)))
-
-            return hook
-
-        handles = [m.register_forward_hook(hook_for(n)) for n, m in self._modules.items()]
-        try:
-            with requires_grad_only(self.model, self.selected) as params:
-                logits = self.logits(x)
-                loss = self.loss(logits).sum()
-                if not self._graph_checked:
-                    self._check_graph(loss, params)
-        finally:
-            for h in handles:
-                h.remove()
-
-        names = list(self._modules)
-        for name in names:
-            if len(calls[name]) != 1:
+        with requires_grad_only(self.model, self.selected) as params:
+            names = {id(p): n for n, p in zip(self.selected, params)}
+            logits, recorder = self._forward(x)
+            uses = recorder.uses
+            loss = self.loss(logits).sum()
+            behind_loss = _parameters_behind([loss], names, recorder.continue_at)
+            if behind_loss:
+                name = names[next(iter(behind_loss))]
                 raise BackendUnsupported(
-                    f"{name} ran {len(calls[name])} times in one forward (shared weights?)"
+                    f"parameter {name} reaches the loss through an operation the recorder "
+                    "cannot see"
                 )
-            activation, version, _ = calls[name][0]
-            if activation._version != version:
-                raise BackendUnsupported(f"the input of {name} was modified in place after use")
-        edges = [calls[n][0][2] for n in names]
-        grads = torch.autograd.grad(loss, edges, allow_unused=True, materialize_grads=True)
-
-        kind = self.method.norm
-        samples = batch_size(x)
-        norms: dict[str, Tensor] = {}
-        for name, grad_output in zip(names, grads):
-            activation = calls[name][0][0]
-            wanted = frozenset(self._owners[name])
-            local = self._rules[name].compute(
-                self._modules[name], activation.detach(), grad_output, kind, wanted
-            )
-            for local_name, full in self._owners[name].items():
-                norms[full] = local[local_name]
-                # an input broadcast over the batch (BERT's (1, T) position ids) gives a rule
-                # fewer rows than samples: refuse rather than return a wrong shape
-                if norms[full].shape != (samples,):
-                    raise BackendUnsupported(
-                        f"{name}: the {local_name} rule gave shape {list(norms[full].shape)} "
-                        f"for {samples} samples (an input broadcast over the batch?)"
-                    )
+            for use in uses:
+                for tensor, version in use.versions:
+                    if tensor._version != version:
+                        raise BackendUnsupported(
+                            f"an input of {use.func} was modified in place after use"
+                        )
+            norms = self._norms(loss, uses, params, names, batch_size(x))
         return logits.detach(), {n: norms[n] for n in self.selected}
 
-    def _check_graph(self, loss: Tensor, params: list[Tensor]) -> None:
-        """Each selected parameter must reach the loss through exactly one graph edge."""
-        uses = {id(p): 0 for p in params}
-        seen: set[int] = set()
-        stack = [loss.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            for nxt, _ in node.next_functions:
-                if nxt is None:
-                    continue
-                var = getattr(nxt, "variable", None)
-                if var is not None and id(var) in uses:
-                    uses[id(var)] += 1
-                stack.append(nxt)
-        for name, p in zip(self.selected, params):
-            if uses[id(p)] > 1:
+    def _forward(self, x: Batch) -> tuple[Tensor, UseRecorder]:
+        recorder = UseRecorder()
+        model, output = self.model, self.output
+
+        def one_sample(xi: Batch) -> Tensor:
+            recorder.level = functorch.maybe_get_level(first_input(xi))
+            with recorder:
+                out = call_model(model, map_batch(xi, lambda v: v.unsqueeze(0)))
+            out = logits_of(out, output)
+            if out.dim() == 0 or out.shape[0] != 1:
+                raise BackendUnsupported("the model does not return (B, C) logits")
+            return out.squeeze(0)
+
+        try:
+            logits = torch.func.vmap(one_sample)(x)
+        except RuntimeError as e:
+            if not _is_vmap_limit(e):
+                raise
+            raise BackendUnsupported(f"the per-sample forward failed: {e}") from e
+        return logits, recorder
+
+    def _norms(
+        self, loss: Tensor, uses: list[Use], params: list[Tensor], names: dict[int, str], batch
+    ) -> dict[str, Tensor]:
+        kind = self.method.norm
+        edges = [e for use in uses for e in use.edges]
+        grads = iter(torch.autograd.grad(loss, edges, allow_unused=True) if edges else [])
+        calls = []
+        for use in uses:
+            grad_outputs = []
+            for dim, view, edge in zip(use.out_dims, use.views, use.edges):
+                grad = next(grads)
+                if grad is None:  # the output does not reach the loss
+                    grad = loss.new_zeros(edge.node._input_metadata[edge.output_nr].shape)
+                grad = view.read(grad) if view is not None else grad
+                grad_outputs.append(grad.movedim(dim, 0))
+            calls.append(OpCall(use.func, use.args, use.kwargs, use.per_sample, grad_outputs))
+
+        # which parameter-side tensors need their per-sample gradient built (see step 4)
+        direct: dict[int, int] = defaultdict(int)
+        computed = []
+        for use in uses:
+            for original in use.tracked.values():
+                if id(original) in names:
+                    direct[id(original)] += 1
+                else:
+                    computed.append(original)
+        through_computations = _parameters_behind(computed, names) if computed else set()
+
+        def need(t: Tensor) -> str:
+            single = direct.get(id(t)) == 1 and id(t) not in through_computations
+            return "norm" if id(t) in names and single else "grad"
+
+        norms: dict[str, Tensor] = {}
+        built: dict[int, Tensor] = {}
+        keep: dict[int, Tensor] = {}
+
+        def add(original: Tensor, value: Tensor, how: str) -> None:
+            if how == "norm":
+                norms[names[id(original)]] = value
+                return
+            if value.shape != (batch, *original.shape):
                 raise BackendUnsupported(
-                    f"parameter {name} is used {uses[id(p)]} times in the graph "
-                    "(tied or used outside its module)"
+                    f"a rule gave per-sample gradients of shape {tuple(value.shape)} for a "
+                    f"tensor of shape {tuple(original.shape)} and a batch of {batch}"
                 )
-        self._graph_checked = True
+            keep[id(original)] = original
+            built[id(original)] = built[id(original)] + value if id(original) in built else value
+
+        for use, call in zip(uses, calls):
+            self._apply(use, call, need, add, kind)
+
+        if computed:
+            sources = [keep[id(t)] for t in computed if id(t) in built]
+            sources = list({id(t): t for t in sources}.values())
+            targets = [p for p in params if id(p) in through_computations]
+            if sources and targets:
+                pulled = torch.autograd.grad(
+                    sources,
+                    targets,
+                    [built.pop(id(t)) for t in sources],
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+                for p, g in zip(targets, pulled):
+                    if g is not None:
+                        add(p, g, "grad")
+        for key, grad in built.items():
+            if key in names:
+                norms[names[key]] = per_sample_norm(grad, kind)
+        zeros = loss.new_zeros(batch)
+        return {n: norms.get(n, zeros) for n in names.values()}
+
+    @staticmethod
+    def _apply(use: Use, call: OpCall, need, add, kind: str) -> None:
+        rule = rule_for(use.func)
+        arguments = rule.bind(call, set(use.tracked)) if rule else None
+        if arguments is not None and rule.unsupported_reason(arguments) is None:
+            call.bound = arguments
+            owners = {
+                name: use.tracked[id(v)]
+                for name, v in arguments.items()
+                if isinstance(v, Tensor) and id(v) in use.tracked
+            }
+            want = {name: need(original) for name, original in owners.items()}
+            result = rule.compute(call, want, kind)
+            for name, original in owners.items():
+                add(original, result[name], want[name])
+            return
+        aliases = _aliases(use)
+        grads = per_sample_vjp(call, aliases, use.outputs)
+        for alias, grad in zip(aliases, grads):
+            add(use.tracked[id(alias)], grad, "grad")
+
+
+def _aliases(use: Use) -> list[Tensor]:
+    leaves, _ = tree_flatten((use.args, use.kwargs))
+    unique: dict[int, Tensor] = {}
+    for v in leaves:
+        if isinstance(v, Tensor) and id(v) in use.tracked:
+            unique.setdefault(id(v), v)
+    return list(unique.values())

@@ -1,4 +1,5 @@
-"""nn.Linear on (B, d) or (B, ..., d) inputs.
+"""Linear maps: ``F.linear`` (nn.Linear and anything built on it) and ``torch.addmm`` with a
+per-sample left factor (Hugging Face GPT-2's ``Conv1D``, whose weight is stored transposed).
 
 For one sample the weight gradient is G^T A, with G (T, d_out) the output gradients and
 A (T, d_in) the inputs over the T positions (T = 1 for a plain batch of vectors).
@@ -12,10 +13,10 @@ A (T, d_in) the inputs over the T positions (T = 1 for a plain batch of vectors)
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..losses import per_sample_norm
-from .registry import register
+from .registry import OpCall, Want, register
 
 
 def outer_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
@@ -32,22 +33,53 @@ def sequence_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
     return per_sample_norm(torch.bmm(g.transpose(1, 2), a), kind)
 
 
-@register(nn.Linear, params=("weight", "bias"))
-def linear_norms(
-    module: nn.Module, activation: Tensor, grad_output: Tensor, kind: str, wanted: frozenset
-) -> dict[str, Tensor]:
-    batch = activation.shape[0]
+def product_norms(a: Tensor, g: Tensor, want: Want, kind: str, weight: str, bias: str) -> dict:
+    """Norms or gradients of y = a W^T + b per sample, a (B, T, d_in) and g (B, T, d_out)."""
     out: dict[str, Tensor] = {}
-    if activation.dim() == 2:
-        if "weight" in wanted:
-            out["weight"] = outer_product_norm(grad_output, activation, kind)
-        bias_grad = grad_output
-    else:
-        a = activation.reshape(batch, -1, activation.shape[-1])
-        g = grad_output.reshape(batch, -1, grad_output.shape[-1])
-        if "weight" in wanted:
-            out["weight"] = sequence_product_norm(g, a, kind)
+    if weight in want:
+        if want[weight] == "grad":
+            out[weight] = torch.bmm(g.transpose(1, 2), a)
+        elif a.shape[1] == 1:
+            out[weight] = outer_product_norm(g[:, 0], a[:, 0], kind)
+        else:
+            out[weight] = sequence_product_norm(g, a, kind)
+    if bias in want:
         bias_grad = g.sum(1)
-    if "bias" in wanted:
-        out["bias"] = per_sample_norm(bias_grad, kind)
+        out[bias] = bias_grad if want[bias] == "grad" else per_sample_norm(bias_grad, kind)
+    return out
+
+
+def _linear(input, weight, bias=None): ...
+
+
+@register(
+    torch.nn.functional.linear, signature=_linear, per_sample=("input",), params=("weight", "bias")
+)
+def linear_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
+    x, (g,) = call.bound["input"], call.grad_outputs
+    a = x.reshape(len(x), -1, x.shape[-1])
+    return product_norms(a, g.reshape(len(g), -1, g.shape[-1]), want, kind, "weight", "bias")
+
+
+def _addmm(input, mat1, mat2, *, beta=1, alpha=1): ...
+
+
+def _addmm_check(arguments: dict) -> str | None:
+    if arguments["beta"] != 1 or arguments["alpha"] != 1 or arguments["input"].dim() != 1:
+        return "addmm with scaling factors or a matrix bias"
+    return None
+
+
+@register(
+    torch.addmm,
+    signature=_addmm,
+    per_sample=("mat1",),
+    params=("input", "mat2"),
+    check=_addmm_check,
+)
+def addmm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
+    a, (g,) = call.bound["mat1"], call.grad_outputs
+    out = product_norms(a, g, want, kind, "mat2", "input")
+    if want.get("mat2") == "grad":
+        out["mat2"] = out["mat2"].transpose(1, 2)  # the weight is held (d_in, d_out)
     return out

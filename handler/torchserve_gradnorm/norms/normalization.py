@@ -1,75 +1,114 @@
-"""BatchNorm (eval mode), LayerNorm, GroupNorm: affine weight w and bias b.
+"""``F.batch_norm`` (running statistics), ``F.layer_norm``, ``F.group_norm``: affine weight w
+and bias b, whichever module or subclass calls them (torchvision/timm LayerNorm2d, timm
+BatchNormAct2d and GroupNorm1 all do).
 
 All three compute y = xhat * w + b with xhat the normalized input, so per sample
 dL/dw = sum over the positions that share a weight of g * xhat and dL/db = sum of g.
-BatchNorm is per-sample only with running statistics (eval mode): batch statistics in
-training mode couple the samples of a batch, and there is no per-sample gradient to take.
+BatchNorm with batch statistics (``training=True``, or no running statistics) normalizes
+each sample by its own statistics under the per-sample recording, as scoring it alone
+would; that case goes to the functional rule.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from ..losses import per_sample_norm
-from .registry import register
+from .registry import OpCall, Want, register
 
 
-def _affine_norms(
-    xhat: Tensor, grad_output: Tensor, reduce_dims: tuple[int, ...], kind: str, wanted
-) -> dict[str, Tensor]:
+def affine_norms(xhat: Tensor, grad_output: Tensor, want: Want, kind: str) -> dict[str, Tensor]:
+    """Per-sample gradients of y = xhat * w + b, both laid out (B, positions, *w.shape)."""
     out: dict[str, Tensor] = {}
-    if "weight" in wanted:
-        gw = (grad_output * xhat).sum(reduce_dims) if reduce_dims else grad_output * xhat
-        out["weight"] = per_sample_norm(gw, kind)
-    if "bias" in wanted:
-        gb = grad_output.sum(reduce_dims) if reduce_dims else grad_output
-        out["bias"] = per_sample_norm(gb, kind)
+    for name, grad in (("weight", lambda: grad_output * xhat), ("bias", lambda: grad_output)):
+        if name in want:
+            g = grad().sum(1)
+            out[name] = g if want[name] == "grad" else per_sample_norm(g, kind)
     return out
 
 
-def _batchnorm_check(module: nn.Module) -> str | None:
-    if not module.track_running_stats or module.running_mean is None:
-        return "BatchNorm without running statistics uses batch statistics (couples samples)"
+def channels_last(t: Tensor, batch: int) -> Tensor:
+    """(B * N, C, *spatial) rows -> (B, N * spatial, C)."""
+    return t.reshape(batch, -1, t.shape[1], t[0, 0].numel()).transpose(2, 3).flatten(1, 2)
+
+
+def _batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+): ...
+
+
+def _batchnorm_check(arguments: dict) -> str | None:
+    if arguments["training"] or arguments["running_mean"] is None:
+        return "batch statistics"
     return None
 
 
 @register(
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
+    F.batch_norm,
+    signature=_batch_norm,
+    per_sample=("input",),
     params=("weight", "bias"),
     check=_batchnorm_check,
 )
-def batchnorm_norms(
-    module: nn.Module, activation: Tensor, grad_output: Tensor, kind: str, wanted: frozenset
-) -> dict[str, Tensor]:
-    if module.training:
-        raise RuntimeError("BatchNorm in training mode has no per-sample gradient")
-    shape = [1, -1] + [1] * (activation.dim() - 2)
-    xhat = (activation - module.running_mean.view(shape)) * torch.rsqrt(
-        module.running_var.view(shape) + module.eps
+def batchnorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
+    a = call.bound
+    x, (g,) = a["input"], call.grad_outputs
+    xr = x.reshape(-1, *x.shape[2:])  # one sample's value is (N, C, *spatial), N usually 1
+    shape = [1, -1] + [1] * (xr.dim() - 2)
+    xhat = (xr - a["running_mean"].view(shape)) * torch.rsqrt(
+        a["running_var"].view(shape) + a["eps"]
     )
-    return _affine_norms(xhat, grad_output, tuple(range(2, activation.dim())), kind, wanted)
+    batch = len(x)
+    return affine_norms(
+        channels_last(xhat, batch), channels_last(g.reshape(xr.shape), batch), want, kind
+    )
 
 
-@register(nn.LayerNorm, params=("weight", "bias"))
-def layernorm_norms(
-    module: nn.Module, activation: Tensor, grad_output: Tensor, kind: str, wanted: frozenset
-) -> dict[str, Tensor]:
-    dims = tuple(range(activation.dim() - len(module.normalized_shape), activation.dim()))
-    var, mean = torch.var_mean(activation, dim=dims, unbiased=False, keepdim=True)
-    xhat = (activation - mean) * torch.rsqrt(var + module.eps)
-    shared = tuple(range(1, dims[0]))  # positions (sequence etc.) that share the weight
-    return _affine_norms(xhat, grad_output, shared, kind, wanted)
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
 
 
-@register(nn.GroupNorm, params=("weight", "bias"))
-def groupnorm_norms(
-    module: nn.Module, activation: Tensor, grad_output: Tensor, kind: str, wanted: frozenset
-) -> dict[str, Tensor]:
-    batch = activation.shape[0]
-    grouped = activation.reshape(batch, module.num_groups, -1)
+@register(
+    F.layer_norm,
+    signature=_layer_norm,
+    per_sample=("input",),
+    params=("weight", "bias"),
+)
+def layernorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
+    a = call.bound
+    x, (g,) = a["input"], call.grad_outputs
+    dims = tuple(range(x.dim() - len(a["normalized_shape"]), x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+    xhat = (x - mean) * torch.rsqrt(var + a["eps"])
+    shape = (len(x), -1, *x.shape[dims[0] :])
+    return affine_norms(xhat.reshape(shape), g.reshape(shape), want, kind)
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
+
+
+@register(
+    F.group_norm,
+    signature=_group_norm,
+    per_sample=("input",),
+    params=("weight", "bias"),
+)
+def groupnorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
+    a = call.bound
+    x, (g,) = a["input"], call.grad_outputs
+    xr = x.reshape(-1, *x.shape[2:])  # one sample's value is (N, C, *spatial)
+    grouped = xr.reshape(len(xr), a["num_groups"], -1)
     var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
-    xhat = ((grouped - mean) * torch.rsqrt(var + module.eps)).reshape(activation.shape)
-    return _affine_norms(xhat, grad_output, tuple(range(2, activation.dim())), kind, wanted)
+    xhat = ((grouped - mean) * torch.rsqrt(var + a["eps"])).reshape(xr.shape)
+    batch = len(x)
+    return affine_norms(
+        channels_last(xhat, batch), channels_last(g.reshape(xr.shape), batch), want, kind
+    )
