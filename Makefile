@@ -136,9 +136,10 @@ bench-readme: $(STAMP)
 
 # Load test over loopback: 2,000 requests per model at concurrency 16 against the demo
 # model served plain (forward only), with the head-only filter and with every parameter;
-# checks every answer by content, prints throughput and p50/p99, fails on any error.
+# checks every answer by content, prints throughput and p50/p99 (and writes the committed
+# bench/results/load.md), fails on any error.
 load: $(STAMP)
-	$(BIN)/python bench/load.py --requests 2000 --concurrency 16 --timeout-s 300
+	$(BIN)/python bench/load.py --requests 2000 --concurrency 16 --timeout-s 300 --out bench/results/load.md
 
 # Soak: 50,000 requests at concurrency 16 over every way in (pictures, JSON tensors, v2 JSON,
 # v2 binary, native gRPC, OIP gRPC; 10 % malformed) against the every-parameter model; checks

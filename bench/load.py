@@ -261,32 +261,33 @@ def drive(
     run.rounds.append((len(run.latencies_ms) - answered) / wall_s)
 
 
-def report(runs: list[Run], requests_per_model: int, concurrency: int) -> None:
+def report(runs: list[Run], requests_per_model: int, concurrency: int) -> list[str]:
+    """The result table and verdicts, as printed (and written by ``--out``)."""
+    lines: list[str] = []
     plain = next((r for r in runs if r.model == "plain"), None)
-    print(f"\n{requests_per_model} requests per model at concurrency {concurrency}, loopback")
+    lines.append(f"{requests_per_model} requests per model at concurrency {concurrency}, loopback")
     header = (
         f"{'model':<15}{'requests':>9}{'errors':>8}{'mismatch':>9}{'req/s':>9}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'mean batch':>11}{'vs plain':>10}"
     )
-    print(header)
-    print("-" * len(header))
+    lines += [header, "-" * len(header)]
     for run in runs:
         ratio = run.throughput / plain.throughput if plain and plain.throughput else math.nan
         batch = f"{statistics.fmean(run.batch_sizes):.2f}" if run.batch_sizes else "-"
-        print(
+        lines.append(
             f"{run.model:<15}{run.sent:>9}{run.errors:>8}{run.mismatches:>9}"
             f"{run.throughput:>9.1f}{run.percentile(0.50):>9.1f}{run.percentile(0.99):>9.1f}"
             f"{batch:>11}{ratio:>10.3f}"
         )
     for run in runs:
         if not run.finished:
-            print(f"{run.model}: stopped at the time limit after {run.sent} requests")
+            lines.append(f"{run.model}: stopped at the time limit after {run.sent} requests")
         if run.first_failure:
-            print(f"{run.model}: first failure: {run.first_failure}")
+            lines.append(f"{run.model}: first failure: {run.first_failure}")
     for run in runs:
         if plain and run is not plain and len(run.rounds) == len(plain.rounds):
             ratios = [a / b for a, b in zip(run.rounds, plain.rounds) if b]
-            print(
+            lines.append(
                 f"{run.model}/plain throughput round by round: "
                 + " ".join(f"{r:.2f}" for r in ratios)
                 + f" (median {statistics.median(ratios):.3f})"
@@ -295,7 +296,9 @@ def report(runs: list[Run], requests_per_model: int, concurrency: int) -> None:
     if plain and plain.throughput and "gradnorm_head" in by_name:
         ratio = by_name["gradnorm_head"].throughput / plain.throughput
         verdict = "met" if ratio >= 0.9 else "NOT met"
-        print(f"goal: gradnorm_head >= 0.90 x plain throughput: {verdict} ({ratio:.3f})")
+        lines.append(f"goal: gradnorm_head >= 0.90 x plain throughput: {verdict} ({ratio:.3f})")
+    print("\n" + "\n".join(lines))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per worker (OMP_NUM_THREADS; %(default)s; 0 leaves torch's default)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the result table here (markdown)")
     parser.add_argument(
         "--models", default=",".join(MODELS), help="comma-separated subset of %(default)s"
     )
@@ -401,8 +405,16 @@ def main(argv: list[str] | None = None) -> int:
         run.mismatches += warm_run.mismatches
         run.finished = run.finished and warm_run.finished
         run.first_failure = warm_run.first_failure or run.first_failure
-    print(f"load average (1 min): {os.getloadavg()[0]:.2f} at the end, {load_before:.2f} before")
-    report(list(runs.values()), args.requests, args.concurrency)
+    load = f"load average (1 min): {os.getloadavg()[0]:.2f} at the end, {load_before:.2f} before"
+    print(load)
+    lines = report(list(runs.values()), args.requests, args.concurrency)
+    if args.out:
+        command = "python bench/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        context = f"torch {torch.__version__}, {os.cpu_count()} CPUs, {load}"
+        text = "\n".join(
+            [f"`{command}` ({time.strftime('%Y-%m-%d')}; {context})", "", "```", *lines, "```", ""]
+        )
+        Path(args.out).write_text(text)
     bad = [
         r
         for r in runs.values()

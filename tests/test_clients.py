@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 
 import grpc
 import numpy as np
@@ -18,7 +17,15 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_http_aio
 from torchserve_grpc import generate_stubs
-from torchserve_harness import REPO, TorchServe, demo_archive, demo_config, serving
+from torchserve_harness import (
+    REPO,
+    SUM_FLAGGED,
+    TorchServe,
+    demo_archive,
+    demo_config,
+    demo_sum_threshold,
+    serving,
+)
 from tritonclient.utils import InferenceServerException
 
 from torchserve_gradnorm.codecs import RequestDecoder
@@ -26,14 +33,12 @@ from torchserve_gradnorm.config import handler_section, parse_handler_config
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-if shutil.which("java") is None:  # pragma: no cover - the frontend is Java
-    pytest.skip("TorchServe needs Java (java not found on PATH)", allow_module_level=True)
 
 PICTURES = [
     *sorted((REPO / "samples/images/id").glob("*.png"))[:3],
-    REPO / "samples/images/ood/blank_black.png",
+    SUM_FLAGGED[0],
 ]
-THRESHOLD = -750000.0  # between the demo's ID pictures and blank_black (as in test_v2.py)
+THRESHOLD = demo_sum_threshold()  # flags the last picture only
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,10 @@ import yaml
 from prerequisites import find_program, require
 from torchserve_harness import (
     REPO,
+    SUM_FLAGGED,
     TorchServe,
     demo_archive,
+    demo_sum_threshold,
     free_port,
     serving,
 )
@@ -36,12 +38,9 @@ from torchserve_gradnorm.metrics import score_ratio
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana/torchserve-gradnorm.json"
-ID_PICTURES = sorted((REPO / "samples/images/id").glob("*.png"))  # 10, scores <= -8.1e5
-OOD_PICTURES = [
-    REPO / "samples/images/ood/blank_black.png",
-    REPO / "samples/images/ood/letter_W.png",
-]
-THRESHOLD = -750000.0  # flags exactly the two OOD pictures above (about -3.4e5 and -6.7e5)
+ID_PICTURES = sorted((REPO / "samples/images/id").glob("*.png"))
+OOD_PICTURES = SUM_FLAGGED
+THRESHOLD = demo_sum_threshold()  # flags exactly the OOD pictures
 N = len(ID_PICTURES) + len(OOD_PICTURES)
 K = len(OOD_PICTURES)
 

@@ -20,8 +20,10 @@ from torch import nn
 from torchserve_harness import (
     DIGITS,
     REPO,
+    SUM_FLAGGED,
     TorchServe,
     demo_archive,
+    demo_sum_threshold,
     load_demo_model,
     serving,
 )
@@ -32,8 +34,8 @@ from torchserve_gradnorm.v2 import OUTPUT_NAMES
 
 SCHEMA = json.loads((REPO / "docs/response.schema.json").read_text())
 ID_PICTURES = sorted((REPO / "samples/images/id").glob("*.png"))
-OOD_PICTURE = REPO / "samples/images/ood/blank_black.png"  # score about -3.4e5
-THRESHOLD = -750000.0  # between the demo's ID pictures (<= -8.1e5) and blank_black
+OOD_PICTURE = SUM_FLAGGED[0]
+THRESHOLD = demo_sum_threshold()  # flags OOD_PICTURE and none of ID_PICTURES
 BATCH_HEADER = "X-GradNorm-Batch-Size"
 
 

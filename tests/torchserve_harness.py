@@ -44,6 +44,32 @@ def load_demo_model() -> torch.nn.Module:
     return model.eval()
 
 
+# The demo pictures that the raw gradient-norm sum (no calibration) scores highest of all the
+# sample pictures, above every ID digit: a threshold between them flags exactly these.
+SUM_FLAGGED = [REPO / "samples/images/ood/letter_W.png", REPO / "samples/images/ood/letter_A.png"]
+
+
+def demo_sum_threshold() -> float:
+    """A raw-sum threshold (``handler.threshold`` without calibration) halfway between the
+    sample ID digits and ``SUM_FLAGGED``, from the committed demo weights, so that tests know
+    which answers a served threshold flags whatever the weights' exact scores."""
+    from torchserve_gradnorm.codecs import RequestDecoder
+    from torchserve_gradnorm.config import handler_section, parse_handler_config
+    from torchserve_gradnorm.scorer import GradNormScorer
+
+    config = parse_handler_config(handler_section(demo_config()))
+    decoder = RequestDecoder(config.input, config.limits)
+    scorer = GradNormScorer(load_demo_model())
+
+    def score(picture: Path) -> float:
+        return float(scorer(decoder.decode(picture.read_bytes()).samples).ood_score[0])
+
+    highest_id = max(score(p) for p in sorted((REPO / "samples/images/id").glob("*.png")))
+    lowest_flagged = min(score(p) for p in SUM_FLAGGED)
+    assert highest_id < lowest_flagged, "the demo's raw sum no longer ranks SUM_FLAGGED first"
+    return (highest_id + lowest_flagged) / 2
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -77,7 +77,8 @@ def render_table(result: dict, source: str) -> str:
     threads = f", {meta['threads']} threads" if meta["device"] == "cpu" else ""
     lines = [
         f"{meta['device_name']} ({meta['device']}){threads}, torch "
-        f"{meta['torch']}, {meta['date'][:10]}: [{source}]({source}) "
+        f"{meta['torch']}, {meta['date'][:10]}, commit {meta.get('commit', '?')}: "
+        f"[{source}]({source}) "
         f"(`{meta['command']}`; every column in [bench/README.md](bench/README.md)).",
         "",
         "| " + " | ".join(header) + " |",
