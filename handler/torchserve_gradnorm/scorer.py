@@ -48,13 +48,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     In training mode BatchNorm normalizes with batch statistics, so one sample's gradient
     depends on the others in its batch, and dropout makes the score random.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    # Only the flags that change are written back: a served model is already in eval mode,
+    # and a module's __setattr__ is dear at a small model's scale.
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
     try:
         yield
     finally:
-        for m, flag in flags:
-            m.training = flag
+        for m in training:
+            m.training = True
 
 
 def _is_oom(error: BaseException) -> bool:

@@ -74,11 +74,11 @@ def requires_grad_only(model: nn.Module, selected: list[str]) -> Iterator[list[T
     """
     wanted = set(selected)
     params = list(model.named_parameters())
-    flags = [p.requires_grad for _, p in params]
+    flipped = [(p, p.requires_grad) for n, p in params if p.requires_grad != (n in wanted)]
     try:
-        for n, p in params:
-            p.requires_grad_(n in wanted)
+        for p, flag in flipped:
+            p.requires_grad_(not flag)
         yield [p for n, p in params if n in wanted]
     finally:
-        for (_, p), flag in zip(params, flags):
+        for p, flag in flipped:
             p.requires_grad_(flag)
