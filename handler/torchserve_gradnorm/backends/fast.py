@@ -26,6 +26,7 @@ raises ``BackendUnsupported`` with the reason, and ``auto`` moves on.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import torch
@@ -38,6 +39,9 @@ from ..norms import OpCall, per_sample_vjp, rule_for
 from ..outputs import Batch, batch_size, call_model, first_input, logits_of, map_batch
 from .base import Backend, BackendUnsupported, is_torchscript, requires_grad_only
 from .recording import Use, UseRecorder
+from .rowwise import NotRowWise, RowWiseRecorder, model_constants
+
+log = logging.getLogger("torchserve_gradnorm")
 
 
 def _parameters_behind(
@@ -63,6 +67,15 @@ def _parameters_behind(
     return found
 
 
+MAX_SIGNATURES = 1024
+
+
+def _signature(x: Batch) -> tuple:
+    if isinstance(x, Tensor):
+        return (tuple(x.shape), x.dtype)
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(x.items()))
+
+
 def _is_vmap_limit(error: Exception) -> bool:
     return isinstance(error, RuntimeError) and ("vmap" in str(error) or "functorch" in str(error))
 
@@ -76,27 +89,57 @@ class FastBackend(Backend):
             return "torch function modes cannot see inside a TorchScript model"
         return None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._vmap_only: dict[tuple, str] = {}
+        """Input signatures on which the row-wise forward stopped, and why."""
+        self.last_forward = ""
+        """How the last call recorded the uses: ``rowwise`` or ``vmap``."""
+
     def __call__(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         with requires_grad_only(self.model, self.selected) as params:
-            names = {id(p): n for n, p in zip(self.selected, params)}
-            logits, recorder = self._forward(x)
-            uses = recorder.uses
-            loss = self.loss(logits).sum()
-            behind_loss = _parameters_behind([loss], names, recorder.continue_at)
-            if behind_loss:
-                name = names[next(iter(behind_loss))]
-                raise BackendUnsupported(
-                    f"parameter {name} reaches the loss through an operation the recorder "
-                    "cannot see"
-                )
-            for use in uses:
-                for tensor, version in use.versions:
-                    if tensor._version != version:
-                        raise BackendUnsupported(
-                            f"an input of {use.func} was modified in place after use"
-                        )
-            norms = self._norms(loss, uses, params, names, batch_size(x))
+            key = _signature(x)
+            if key not in self._vmap_only:
+                try:
+                    self.last_forward = "rowwise"
+                    return self._score(x, params, self._rowwise_forward)
+                except (NotRowWise, BackendUnsupported) as e:
+                    if len(self._vmap_only) >= MAX_SIGNATURES:
+                        self._vmap_only.clear()
+                    self._vmap_only[key] = str(e)
+                    log.debug("gradnorm: fast backend on vmap for %s: %s", key, e)
+            self.last_forward = "vmap"
+            return self._score(x, params, self._forward)
+
+    def _score(self, x: Batch, params: list[Tensor], forward) -> tuple[Tensor, dict]:
+        names = {id(p): n for n, p in zip(self.selected, params)}
+        logits, recorder = forward(x)
+        uses = recorder.uses
+        loss = self.loss(logits).sum()
+        behind_loss = _parameters_behind([loss], names, recorder.continue_at)
+        if behind_loss:
+            name = names[next(iter(behind_loss))]
+            raise BackendUnsupported(
+                f"parameter {name} reaches the loss through an operation the recorder cannot see"
+            )
+        for use in uses:
+            for tensor, version in use.versions:
+                if tensor._version != version:
+                    raise BackendUnsupported(
+                        f"an input of {use.func} was modified in place after use"
+                    )
+        norms = self._norms(loss, uses, params, names, batch_size(x))
         return logits.detach(), {n: norms[n] for n in self.selected}
+
+    def _rowwise_forward(self, x: Batch) -> tuple[Tensor, RowWiseRecorder]:
+        recorder = RowWiseRecorder(batch_size(x), model_constants(self.model))
+        map_batch(x, recorder.mark_input)
+        with recorder:
+            out = call_model(self.model, x)
+        logits = logits_of(out, self.output)
+        if logits.dim() == 0 or recorder.marks.get(logits) != 0:
+            raise NotRowWise("the logits are not the samples' rows")
+        return logits, recorder
 
     def _forward(self, x: Batch) -> tuple[Tensor, UseRecorder]:
         recorder = UseRecorder()
@@ -133,7 +176,7 @@ class FastBackend(Backend):
                 if grad is None:  # the output does not reach the loss
                     grad = loss.new_zeros(edge.node._input_metadata[edge.output_nr].shape)
                 grad = view.read(grad) if view is not None else grad
-                grad_outputs.append(grad.movedim(dim, 0))
+                grad_outputs.append(use.laid_out(grad, dim))
             calls.append(OpCall(use.func, use.args, use.kwargs, use.per_sample, grad_outputs))
 
         # which parameter-side tensors need their per-sample gradient built (see step 4)

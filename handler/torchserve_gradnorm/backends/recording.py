@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch._C import _functorch as functorch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from .base import BackendUnsupported
 from .decompositions import DECOMPOSITIONS
@@ -70,6 +71,62 @@ def _sdpa(
 
 
 SDPA_SIGNATURE = inspect.signature(_sdpa)
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+): ...
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
+
+
+# Normalizations of each row of their input on its own (batch norm on running statistics),
+# so that rows from several samples can share one call.
+ROW_NORMS = {
+    F.batch_norm: inspect.signature(_batch_norm),
+    F.group_norm: inspect.signature(_group_norm),
+}
+
+
+def _meets_batch(args: tuple, kwargs: dict) -> bool:
+    """Whether a call takes both a parameter-side tensor (requires grad, not batched) and a
+    per-sample one: most calls take neither, and this tells them apart without pytree. A
+    container it does not look into hides a use from the recording, not from autograd: the
+    backend's graph check then refuses the model."""
+    seen = [False, False]
+    _scan(args, seen)
+    if kwargs and not all(seen):
+        _scan(kwargs.values(), seen)
+    return all(seen)
+
+
+def _map_tensors(value, fn):
+    """``value`` with ``fn`` applied to every tensor in it, through the containers that
+    ``_scan`` looks into."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, tuple):
+        items = [_map_tensors(v, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _scan(values, seen: list[bool]) -> None:
+    for v in values:
+        if isinstance(v, Tensor):
+            if functorch.is_batchedtensor(v):
+                seen[1] = True
+            elif v.requires_grad:
+                seen[0] = True
+        elif isinstance(v, (list, tuple)):
+            _scan(v, seen)
+        elif isinstance(v, dict):
+            _scan(v.values(), seen)
 
 
 def _name(func: Any) -> str:
@@ -144,6 +201,15 @@ class Use:
     """The samples' dimension of each per-sample output, physically."""
     views: list[ViewOfBase | None]
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    whole_batch: bool = False
+    """Recorded in the batched forward (rowwise.py): the outputs hold the samples' rows at
+    ``out_dims`` where each sample's forward has a dimension of size 1."""
+
+    def laid_out(self, grad: Tensor, dim: int) -> Tensor:
+        """The gradient at an output laid out (B, *one sample's output shape)."""
+        if self.whole_batch:
+            return grad.unsqueeze(dim).movedim(dim + 1, 0)
+        return grad.movedim(dim, 0)
 
 
 class UseRecorder(TorchFunctionMode):
@@ -169,28 +235,22 @@ class UseRecorder(TorchFunctionMode):
                 out = DECOMPOSITIONS[func](*args, **kwargs)
             if out is not NotImplemented:
                 return out
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not _meets_batch(args, kwargs):
             return self._call(func, args, kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
-        tracked = [
-            i
-            for i, v in enumerate(leaves)
-            if isinstance(v, Tensor) and v.requires_grad and not functorch.is_batchedtensor(v)
-        ]
-        if not tracked or not any(
-            isinstance(v, Tensor) and functorch.is_batchedtensor(v) for v in leaves
-        ):
-            return self._call(func, args, kwargs)
-        return self._record(func, leaves, spec, tracked)
+        return self._record(func, args, kwargs)
 
     # vmap's own batching of some calls is far slower than the batched call itself (grouped
-    # and depthwise convolutions, CPU attention, which it runs sample by sample); these fold
-    # the samples into the call's own batch dimension instead, the same arithmetic.
+    # and depthwise convolutions, CPU attention, which it runs sample by sample; batch norm,
+    # which it splits into a normalization and a separate scale and shift: 10x a plain call
+    # on CPU); these fold the samples into the call's own batch dimension instead, the same
+    # arithmetic.
     def _call(self, func, args: tuple, kwargs: dict):
         if func in CONVOLUTIONS:
             folded = self._folded_conv(func, args, kwargs)
         elif func is ATTENTION:
             folded = self._folded_attention(args, kwargs)
+        elif func in ROW_NORMS:
+            folded = self._folded_row_norm(func, args, kwargs)
         else:
             folded = None
         return func(*args, **kwargs) if folded is None else folded
@@ -213,6 +273,24 @@ class UseRecorder(TorchFunctionMode):
             return None  # a per-sample weight, or an unbatched (C, *spatial) input
         batch = self._physical(x).shape[0]
         return self._unfold(func(self._fold(x), *rest), batch)
+
+    def _folded_row_norm(self, func, args: tuple, kwargs: dict):
+        try:
+            bound = ROW_NORMS[func].bind(*args, **kwargs)
+        except TypeError:
+            return None
+        a = bound.arguments
+        x = a["input"]
+        others = [v for k, v in a.items() if k != "input"]
+        if not functorch.is_batchedtensor(x) or x.dim() < 2 or not self._unbatched(*others):
+            return None
+        # batch statistics normalize over the batch: folded, they would mix the samples
+        if func is F.batch_norm:
+            stats = (a.get("running_mean"), a.get("running_var"))
+            if a.get("training", False) or any(t is None for t in stats):
+                return None
+        a["input"] = self._fold(x)
+        return self._unfold(func(**a), self._physical(x).shape[0])
 
     def _folded_attention(self, args: tuple, kwargs: dict):
         try:
@@ -251,7 +329,7 @@ class UseRecorder(TorchFunctionMode):
             )
         return values[0]
 
-    def _record(self, func, leaves: list, spec, tracked: list[int]):
+    def _record(self, func, args: tuple, kwargs: dict):
         replay = func
         if _is_in_place(func):
             if func not in IN_PLACE:
@@ -260,25 +338,30 @@ class UseRecorder(TorchFunctionMode):
         # per-sample arguments, physically (B, ...), detached; an in-place call's target is
         # copied first, since the call overwrites it
         physical: dict[int, Tensor] = {}
+        tracked: dict[int, Tensor] = {}
         storages: set[int] = set()
         input_nodes = []
-        recorded = list(leaves)
-        for i, v in enumerate(leaves):
-            if isinstance(v, Tensor) and functorch.is_batchedtensor(v):
-                if id(v) not in physical:
-                    p = self._physical(v)
-                    input_nodes.append(p.grad_fn)
-                    storages.add(_storage(p))
-                    p = p.detach()
-                    physical[id(v)] = p.clone() if replay is not func else p
-                recorded[i] = physical[id(v)]
-        storages.update(_storage(leaves[i]) for i in tracked)
-        args, kwargs = tree_unflatten(leaves, spec)
+
+        def laid_out(v: Tensor) -> Tensor:
+            if not functorch.is_batchedtensor(v):
+                if v.requires_grad:
+                    tracked[id(v)] = v
+                return v
+            if id(v) not in physical:
+                p = self._physical(v)
+                input_nodes.append(p.grad_fn)
+                storages.add(_storage(p))
+                p = p.detach()
+                physical[id(v)] = p.clone() if replay is not func else p
+            return physical[id(v)]
+
+        rec_args, rec_kwargs = _map_tensors((args, kwargs), laid_out)
+        storages.update(_storage(t) for t in tracked.values())
         out = self._call(func, args, kwargs)
 
         outputs, edges, dims, views = [], [], [], []
         watched: list[Tensor] = []
-        for k, o in enumerate(tree_flatten(out)[0]):
+        for k, o in enumerate([out] if isinstance(out, Tensor) else tree_flatten(out)[0]):
             if not (isinstance(o, Tensor) and functorch.is_batchedtensor(o)):
                 continue
             p = functorch.get_unwrapped(o)
@@ -295,13 +378,12 @@ class UseRecorder(TorchFunctionMode):
             if view is None and p._is_view():
                 watched.append(p)
         if outputs:
-            rec_args, rec_kwargs = tree_unflatten(recorded, spec)
             use = Use(
                 replay,
                 rec_args,
                 rec_kwargs,
                 {id(p) for p in physical.values()},
-                {id(leaves[i]): leaves[i] for i in tracked},
+                tracked,
                 outputs,
                 edges,
                 dims,
