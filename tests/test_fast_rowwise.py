@@ -106,17 +106,23 @@ def test_a_step_outside_the_row_wise_calls_goes_through_vmap_and_stays_exact(ste
     assert _fast_equals_loop(Mixing(STEPS[step]), x) == "vmap"
 
 
-def test_a_model_that_catches_the_stop_is_not_followed_further():
+@pytest.mark.parametrize("then", ["returns", "goes on"])
+def test_a_model_that_catches_the_stop_is_not_followed_further(then):
     def swallow(m, x):
+        y = x * 2
         try:
-            x = torch.cumsum(x, 1)
+            y = torch.cumsum(x, 1)
         except Exception:
             pass
-        return x * 2
+        return y if then == "returns" else y * 3
+
+    class Swallowing(Mixing):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return swallow(self, self.fc(x))  # the logits themselves come from the step
 
     torch.manual_seed(0)
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
-    assert _fast_equals_loop(Mixing(swallow), x) == "vmap"
+    assert _fast_equals_loop(Swallowing(swallow), x) == "vmap"
 
 
 def test_an_input_shape_that_stopped_once_goes_straight_to_vmap():
@@ -159,3 +165,28 @@ def test_a_constant_with_one_row_per_sample_is_refused_as_each_sample_would_see_
     model = Mixing(lambda m, x: x * torch.arange(2.0).view(2, 1))
     with pytest.raises(BackendUnsupported, match="logits"):
         GradNormScorer(model, backend="fast")(torch.randn(2, 4))
+
+
+class Folded(SmallCnn):
+    """The calls the vmap forward folds into one batched call (batch norm, group norm,
+    linear on sequences, layer norm, addmm as in GPT-2's Conv1D), behind a batch-size read
+    that keeps the model off the row-wise forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Linear(4, 4)
+        self.conv1d_weight = nn.Parameter(torch.randn(4, 3))
+        self.conv1d_bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        h = super().forward(x)  # (B, 3)
+        tokens = self.seq(x.mean(1).reshape(batch, 16, 4))  # (B, 16, 4): linear on a sequence
+        mixed = torch.addmm(self.conv1d_bias, tokens.reshape(-1, 4), self.conv1d_weight)
+        return h + mixed.view(batch, 16, 3).mean(1)
+
+
+@pytest.mark.parametrize("param_filter", [None, "head"])
+def test_the_vmap_forward_folds_norms_and_linear_maps_exactly(param_filter):
+    torch.manual_seed(0)
+    assert _fast_equals_loop(Folded().eval(), _images(), param_filter) == "vmap"

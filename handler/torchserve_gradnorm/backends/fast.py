@@ -1,9 +1,13 @@
 """fast backend: exact per-sample norms from one forward and one backward to the points where
 the parameters meet the batch.
 
-1. The forward runs once, batched, under ``torch.func.vmap`` with a ``UseRecorder``
-   (recording.py): every torch call where a selected parameter (or a tensor computed from
-   parameters alone) meets per-sample data is recorded with its per-sample arguments.
+1. The forward runs once, batched, and every torch call where a selected parameter (or a
+   tensor computed from parameters alone) meets per-sample data is recorded with its
+   per-sample arguments. Models made of calls that treat each sample's rows apart (CNNs,
+   MLPs) run their own batched forward under a ``RowWiseRecorder`` (rowwise.py), which
+   follows the samples' dimension call by call; any other model, or one that steps outside
+   those calls, runs under ``torch.func.vmap`` with a ``UseRecorder`` (recording.py), and
+   its input shape goes straight to vmap from then on.
 2. One ``torch.autograd.grad`` of the summed per-sample losses with respect to the outputs
    of those calls gives every sample's output gradient there; autograd computes no weight
    gradient.
@@ -103,7 +107,10 @@ class FastBackend(Backend):
                 try:
                     self.last_forward = "rowwise"
                     return self._score(x, params, self._rowwise_forward)
-                except (NotRowWise, BackendUnsupported) as e:
+                except Exception as e:
+                    # whatever the row-wise forward cannot do, the vmap one may: it decides
+                    if isinstance(e, torch.OutOfMemoryError):
+                        raise
                     if len(self._vmap_only) >= MAX_SIGNATURES:
                         self._vmap_only.clear()
                     self._vmap_only[key] = str(e)
@@ -136,6 +143,8 @@ class FastBackend(Backend):
         map_batch(x, recorder.mark_input)
         with recorder:
             out = call_model(self.model, x)
+        if recorder.stopped:  # the model caught the stop and went on
+            raise NotRowWise(recorder.stopped)
         logits = logits_of(out, self.output)
         if logits.dim() == 0 or recorder.marks.get(logits) != 0:
             raise NotRowWise("the logits are not the samples' rows")

@@ -89,6 +89,11 @@ ROW_NORMS = {
 }
 
 
+# Calls on the last dimensions of their first argument alone: the samples' dimension,
+# moved first, is one more leading dimension to them.
+LAST_DIMS = {F.linear, F.layer_norm}
+
+
 def _meets_batch(args: tuple, kwargs: dict) -> bool:
     """Whether a call takes both a parameter-side tensor (requires grad, not batched) and a
     per-sample one: most calls take neither, and this tells them apart without pytree. A
@@ -242,8 +247,8 @@ class UseRecorder(TorchFunctionMode):
     # vmap's own batching of some calls is far slower than the batched call itself (grouped
     # and depthwise convolutions, CPU attention, which it runs sample by sample; batch norm,
     # which it splits into a normalization and a separate scale and shift: 10x a plain call
-    # on CPU); these fold the samples into the call's own batch dimension instead, the same
-    # arithmetic.
+    # on CPU; linear, whose bias it adds apart from the product); these fold the samples
+    # into the call's own batch dimension instead, the same arithmetic.
     def _call(self, func, args: tuple, kwargs: dict):
         if func in CONVOLUTIONS:
             folded = self._folded_conv(func, args, kwargs)
@@ -251,6 +256,10 @@ class UseRecorder(TorchFunctionMode):
             folded = self._folded_attention(args, kwargs)
         elif func in ROW_NORMS:
             folded = self._folded_row_norm(func, args, kwargs)
+        elif func in LAST_DIMS:
+            folded = self._on_last_dims(func, args, kwargs)
+        elif func is torch.addmm:
+            folded = self._folded_addmm(args, kwargs)
         else:
             folded = None
         return func(*args, **kwargs) if folded is None else folded
@@ -291,6 +300,32 @@ class UseRecorder(TorchFunctionMode):
                 return None
         a["input"] = self._fold(x)
         return self._unfold(func(**a), self._physical(x).shape[0])
+
+    def _on_last_dims(self, func, args: tuple, kwargs: dict):
+        x = args[0] if args else None
+        if not (isinstance(x, Tensor) and functorch.is_batchedtensor(x)):
+            return None
+        if not self._unbatched(*args[1:], *kwargs.values()):
+            return None
+        p = self._physical(x)
+        if func is F.linear and p.dim() > 2:
+            # one matrix product with the bias fused, as torch does for a 3-d input
+            out = func(p.reshape(-1, p.shape[-1]), *args[1:], **kwargs)
+            out = out.reshape(*p.shape[:-1], out.shape[-1])
+        else:
+            out = func(p, *args[1:], **kwargs)
+        return functorch._add_batch_dim(out, 0, self.level)
+
+    def _folded_addmm(self, args: tuple, kwargs: dict):
+        # Hugging Face's Conv1D: addmm(bias, x (N, d_in), weight) per sample
+        if len(args) != 3 or not self._unbatched(args[0], args[2], *kwargs.values()):
+            return None
+        bias, x, weight = args
+        if not functorch.is_batchedtensor(x) or bias.dim() > 1:
+            return None
+        p = self._physical(x)
+        out = torch.addmm(bias, p.reshape(-1, p.shape[-1]), weight, **kwargs)
+        return functorch._add_batch_dim(out.reshape(*p.shape[:-1], -1), 0, self.level)
 
     def _folded_attention(self, args: tuple, kwargs: dict):
         try:

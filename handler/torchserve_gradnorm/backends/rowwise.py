@@ -324,6 +324,9 @@ METADATA = {
 }  # fmt: skip
 
 
+BATCH_SIZE = {Tensor.size, Tensor.shape.__get__, Tensor.__len__, Tensor.numel, Tensor.nelement}
+
+
 class RowWiseRecorder(TorchFunctionMode):
     """Follows the samples' dimension through the plain forward and records the uses (the
     ``Use`` of recording.py, laid out (B, ...) per sample)."""
@@ -373,6 +376,8 @@ class RowWiseRecorder(TorchFunctionMode):
             d = _norm(_arg(args, kwargs, 1, "dim"), args[0].dim())
             if d != marks[0]:
                 return func(*args, **kwargs)
+        if func in BATCH_SIZE:
+            _stop("the model reads the batch size (each sample's forward reads 1)")
         spec = RULES.get(func)
         if spec is None:
             _stop("not known to treat the samples' rows apart")
