@@ -2,7 +2,8 @@
 
 Every timed case of a model runs in turns (forward, fwd+bwd, the scorer on all parameters,
 the scorer on the head), so that a load on the machine falls on all of them alike; the
-ratios are medians of per-round ratios. ``--baseline PKG`` adds the same scorer cases from
+ratios are medians of per-round ratios (``--clock cpu`` times CPU time instead of wall time,
+steadier on a loaded machine). ``--baseline PKG`` adds the same scorer cases from
 another copy of the package (``all0``, ``head0``; e.g. an older commit's
 ``handler/torchserve_gradnorm`` extracted under another name onto the path), for before/after
 ratios from one process. ``--cprofile`` and ``--torch-profile`` print where one scorer call
@@ -89,10 +90,10 @@ def cases(
     return run
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn, clock=time.perf_counter) -> float:
+    start = clock()
     fn()
-    return (time.perf_counter() - start) * 1e3
+    return (clock() - start) * 1e3
 
 
 def main() -> None:
@@ -105,6 +106,13 @@ def main() -> None:
     parser.add_argument("--baseline", help="another copy of the package, by import name")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU time, which other processes' load hardly moves "
+        "(with --threads 1 it is the run's length on a quiet machine)",
+    )
     parser.add_argument("--cprofile", choices=("all", "head"), help="profile one case instead")
     parser.add_argument("--torch-profile", choices=("all", "head"))
     parser.add_argument("--top", type=int, default=25)
@@ -131,10 +139,11 @@ def main() -> None:
                     run[args.torch_profile]()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
             continue
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
         times: dict[str, list[float]] = {c: [] for c in args.cases}
         for _ in range(args.rounds):
             for c in args.cases:
-                times[c].append(timed(run[c]))
+                times[c].append(timed(run[c], clock))
         medians = {c: statistics.median(t) for c, t in times.items()}
         line = "  ".join(f"{c} {medians[c]:8.2f} ms" for c in args.cases)
         print(f"{name:16s} {args.method:11s} backends {backends}  {line}")
