@@ -30,8 +30,8 @@ from ._common import feature_scorer, score_augmented, score_folders
 # The strongest detector that needs only ID data: the scalar sum's sign is a bet that fails
 # on many OOD kinds (README, "Why the sign"), mlp needs labelled OOD samples, one Gaussian
 # for all classes (mahalanobis) lets through OOD that resembles an average class, and the
-# closest class with per-class confidence (class_mahalanobis) excuses unsure answers for
-# classes the model is often unsure of (README, "Calibrated OOD flags").
+# closest class (class_mahalanobis) measures an answer against a class other than the one
+# the model gave (README, "Calibrated OOD flags").
 DEFAULT_DETECTOR = "predicted_mahalanobis"
 
 
