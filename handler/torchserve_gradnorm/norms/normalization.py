@@ -62,15 +62,22 @@ def _batchnorm_check(arguments: dict) -> str | None:
 def batchnorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a = call.bound
     x, (g,) = a["input"], call.grad_outputs
-    xr = x.reshape(-1, *x.shape[2:])  # one sample's value is (N, C, *spatial), N usually 1
-    shape = [1, -1] + [1] * (xr.dim() - 2)
-    xhat = (xr - a["running_mean"].view(shape)) * torch.rsqrt(
-        a["running_var"].view(shape) + a["eps"]
-    )
-    batch = len(x)
-    return affine_norms(
-        channels_last(xhat, batch), channels_last(g.reshape(xr.shape), batch), want, kind
-    )
+    batch, channels = len(x), x.shape[2]
+    # one sample's value is (N, C, *spatial), N usually 1; kept in that (contiguous) layout,
+    # (B, N, C, positions), so that every reduction runs over the innermost axis
+    x = x.reshape(batch, -1, channels, x[0, 0, 0].numel())
+    g = g.reshape(x.shape)
+    out: dict[str, Tensor] = {}
+    if "weight" in want:
+        # sum over positions of g * (x - mean) / std, the 1 / std taken out of the sum
+        centered = x - a["running_mean"].view(-1, 1)
+        weight = centered.mul_(g).sum((1, 3)) * torch.rsqrt(a["running_var"] + a["eps"])
+        del centered
+        out["weight"] = weight if want["weight"] == "grad" else per_sample_norm(weight, kind)
+    if "bias" in want:
+        bias = g.sum((1, 3))
+        out["bias"] = bias if want["bias"] == "grad" else per_sample_norm(bias, kind)
+    return out
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
