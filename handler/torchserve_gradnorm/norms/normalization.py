@@ -92,11 +92,25 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
 def layernorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a = call.bound
     x, (g,) = a["input"], call.grad_outputs
-    dims = tuple(range(x.dim() - len(a["normalized_shape"]), x.dim()))
-    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
-    xhat = (x - mean) * torch.rsqrt(var + a["eps"])
-    shape = (len(x), -1, *x.shape[dims[0] :])
-    return affine_norms(xhat.reshape(shape), g.reshape(shape), want, kind)
+    lead = x.dim() - len(a["normalized_shape"])
+    positions = tuple(range(1, lead))
+    # summed over the positions in place: a channels-last view (torchvision's and timm's
+    # LayerNorm2d permute NCHW) would be copied by a reshape to (B, positions, C)
+
+    def over_positions(t: Tensor) -> Tensor:
+        return t.sum(positions) if positions else t
+
+    out: dict[str, Tensor] = {}
+    if "weight" in want:
+        var, mean = torch.var_mean(x, dim=tuple(range(lead, x.dim())), unbiased=False, keepdim=True)
+        xhat = (x - mean).mul_(torch.rsqrt(var + a["eps"]))
+        weight = over_positions(xhat.mul_(g))
+        del xhat
+        out["weight"] = weight if want["weight"] == "grad" else per_sample_norm(weight, kind)
+    if "bias" in want:
+        bias = over_positions(g)
+        out["bias"] = bias if want["bias"] == "grad" else per_sample_norm(bias, kind)
+    return out
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
