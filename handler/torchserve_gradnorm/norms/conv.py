@@ -5,16 +5,18 @@ input).
 Per sample and per group, the weight gradient is G U^T, with G (p, T) the output gradient
 over the T output positions and U (d, T) the unfolded input (d = C_in/groups x kernel).
 Three ways to its norm, chosen per call (Bu, Mao & Xu 2022, mixed ghost clipping):
-- ghost (squared L2, 1-D and 2-D convs, when 2 T^2 <= d p): |G U^T|^2 = <G^T G, U^T U>,
-  two (T, T) Gram matrices per sample; nothing of the weight's size is built.
+- ghost (squared L2, 1-D and 2-D convs, when T^2 (d + p) < T d p multiply-adds): |G U^T|^2 =
+  <G^T G, U^T U>, two (T, T) Gram matrices per sample; nothing of the weight's size is built.
 - rank one (any norm, 1-D and 2-D convs with a single output position, T = 1, as in the
   last stage of a ResNet on small inputs): G U^T is an outer product g u^T, so the norms
   are |g|^2 |u|^2 and |g|_1 |u|_1, as for a Linear layer.
-- build: G U^T per sample, in chunks of samples that bound its size, either as one
-  batched matrix product of the unfolded input (1-D and 2-D convs with large weights), or
-  as the weight gradient of a convolution, which is itself a convolution of the input with
-  the output gradient: folding the batch into the channel axis and multiplying ``groups``
-  by B gives all per-sample weight gradients in one grouped-convolution backward call.
+- build: G U^T per sample, a few samples at a time into one reused buffer (a chunk stays in
+  cache; a large layer's B x |W| is never held whole), either as one batched matrix product
+  of the unfolded input (1x1 kernels, whose patches are the input itself, and layers with
+  few output positions), or as the weight gradient of a convolution, which is itself a
+  convolution of the input with the output gradient: folding the batch into the channel
+  axis and multiplying ``groups`` by B gives all per-sample weight gradients in one
+  grouped-convolution backward call (many output positions, depthwise kernels, 3-D).
 """
 
 from __future__ import annotations
