@@ -41,7 +41,7 @@ clean:
 DEMO ?= build/demo
 STORE ?= model_store
 EVAL_MD ?= docs/demo-eval.md
-DEMO_DETECTOR := class_mahalanobis
+DEMO_DETECTOR := predicted_mahalanobis
 SHIFTS := bilinear bicubic lanczos jpeg rotate translate thick thin contrast brightness
 FAR_OOD := letters noise photos
 NEAR_OOD := inverted rotated

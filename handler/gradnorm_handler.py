@@ -19,8 +19,7 @@ from torchserve_gradnorm.calibration import file_sha256, shipped_calibration
 from torchserve_gradnorm.config import ConfigError, handler_section, parse_handler_config
 from torchserve_gradnorm.hf import text_encoder_for
 from torchserve_gradnorm.metrics import record_batch
-from torchserve_gradnorm.response import error_answer
-from torchserve_gradnorm.service import GradNormService
+from torchserve_gradnorm.service import GradNormService, refusals
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +76,14 @@ class GradNormHandler(BaseHandler):
     def handle(self, data, context):
         if self.load_error is None:
             return super().handle(data, context)
+        self.context = context
+        headers = [context.get_all_request_header(i) for i in range(len(data))]
         message = f"model {context.model_name!r} failed to load: {self.load_error}"
-        status = LOAD_FAILED_STATUS
-        for idx in range(len(data)):
-            context.set_response_status(status.value, status.phrase, idx)
-            context.set_response_content_type(idx, "application/json")
-        return [error_answer(status.value, message) for _ in data]
+        version = str(((context.manifest or {}).get("model") or {}).get("modelVersion", ""))
+        replies = refusals(
+            data, headers, LOAD_FAILED_STATUS.value, message, context.model_name, version
+        )
+        return self._send(replies)
 
     def _initialize_hf(self, context, config):
         """BaseHandler.initialize for a save_pretrained folder (transformers' Auto classes)."""
@@ -111,14 +112,7 @@ class GradNormHandler(BaseHandler):
         return self.service.handle(data, headers)
 
     def postprocess(self, replies):
-        batch_size = str(self.service.last.samples)
-        for idx, reply in enumerate(replies):
-            if reply.status != 200:
-                self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
-            self.context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
-            for name, value in reply.headers.items():
-                self.context.set_response_header(idx, name, value)
-            self.context.set_response_content_type(idx, reply.content_type)
+        body = self._send(replies)
         record_batch(
             self.context.metrics,
             self.context.model_name,
@@ -126,4 +120,16 @@ class GradNormHandler(BaseHandler):
             self.service.last.scoring_ms,
             self.service.score_reference,
         )
+        return body
+
+    def _send(self, replies):
+        """Each reply's status, headers and content type on the context; the bodies."""
+        batch_size = str(self.service.last.samples) if self.load_error is None else "0"
+        for idx, reply in enumerate(replies):
+            if reply.status != 200:
+                self.context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
+            self.context.set_response_header(idx, BATCH_SIZE_HEADER, batch_size)
+            for name, value in reply.headers.items():
+                self.context.set_response_header(idx, name, value)
+            self.context.set_response_content_type(idx, reply.content_type)
         return [reply.body for reply in replies]

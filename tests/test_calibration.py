@@ -36,6 +36,7 @@ from torchserve_gradnorm.detectors import (
     MahalanobisDetector,
     MLPDetector,
     MSPDetector,
+    PredictedMahalanobisDetector,
     SumDetector,
 )
 from torchserve_gradnorm.mar import open_archive
@@ -108,7 +109,12 @@ class TestDetectors:
     def test_logit_detectors_need_logits(self):
         features = gaussian_features(5, 0.0, 0)
         features.logits = None
-        for detector in (MSPDetector(), EnergyDetector(), ClassMahalanobisDetector()):
+        for detector in (
+            MSPDetector(),
+            EnergyDetector(),
+            ClassMahalanobisDetector(),
+            PredictedMahalanobisDetector(),
+        ):
             with pytest.raises(ValueError, match="reads the logits"):
                 detector.fit(features)
                 detector.score(features)
@@ -135,6 +141,48 @@ class TestDetectors:
         probe = two_class_features([8.0, 8.0, 8.0], 10, 1)
         np.testing.assert_allclose(restored.score(probe), detector.score(probe))
         assert np.isfinite(detector.score(probe)).all()
+
+    def test_predicted_mahalanobis_flags_an_answer_whose_gradients_belong_to_another_class(self):
+        # answered "class 0" with the gradients of a typical class-1 sample: the closest class
+        # (class_mahalanobis) takes it in, the answered class's Gaussian does not
+        id_fit = two_class_features([0.0, 4.0], 400, 0)
+        id_test = two_class_features([0.0, 4.0], 200, 1)
+        mixed = two_class_features([4.0, 4.0], 100, 2)
+        answered_0 = mixed.logits.argmax(1) == 0
+        mixed = Features(mixed.per_layer[answered_0], mixed.ood_score[answered_0],
+                         mixed.logits[answered_0])  # fmt: skip
+        closest, predicted = ClassMahalanobisDetector(), PredictedMahalanobisDetector()
+        closest.fit(id_fit)
+        predicted.fit(id_fit)
+        assert np.median(predicted.score(mixed)) > np.percentile(predicted.score(id_test), 99)
+        assert np.median(closest.score(mixed)) < np.percentile(closest.score(id_test), 99)
+
+    def test_predicted_mahalanobis_reads_confidence_on_one_scale_for_every_class(self):
+        # class 1 is answered less surely than class 0: the confidence statistics still get
+        # one mean (the ID average), the gradient norms one per class
+        fit = two_class_features([0.0, 0.0], 400, 0)
+        fit.logits[np.arange(400) % 2 == 1] *= 0.5
+        detector = PredictedMahalanobisDetector()
+        detector.fit(fit)
+        confidence = np.c_[fit.logits.max(1), np.log(np.exp(fit.logits).sum(1))]
+        np.testing.assert_allclose(detector.means[:, -2:], [confidence.mean(0)] * 2)
+        np.testing.assert_allclose(detector.means[:, :-2].mean(1), [0.0, 0.0], atol=0.05)
+
+    def test_predicted_mahalanobis_uses_the_closest_class_for_one_never_predicted(self):
+        fit = two_class_features([0.0, 4.0, 8.0], 300, 0)
+        fit.logits[:, 2] = -10.0  # the third class is never predicted at fit time
+        detector = PredictedMahalanobisDetector()
+        detector.fit(fit)
+        restored = PredictedMahalanobisDetector.from_params(
+            json.loads(json.dumps(detector.params()))
+        )
+        probe = two_class_features([4.0, 4.0, 4.0], 30, 1)
+        probe.logits[:, 2] = 20.0  # now everything is answered "class 2"
+        z = np.c_[np.log(probe.per_layer), probe.logits.max(1),
+                  np.log(np.exp(probe.logits).sum(1))]  # fmt: skip
+        to_class_1 = z - detector.means[1]
+        expected = np.sqrt(np.einsum("ni,ij,nj->n", to_class_1, detector.precision, to_class_1))
+        np.testing.assert_allclose(restored.score(probe), expected)
 
     @pytest.mark.parametrize("detector", list(DETECTORS.values()))
     def test_fitted_parameters_round_trip_through_json(self, detector):
@@ -267,7 +315,10 @@ class TestServedCalibration:
         assert service.score_reference == (cal.center, cal.threshold)
         assert "per_layer" not in ood  # computed for the detector, shown only when asked
 
-    @pytest.mark.parametrize("detector", [MSPDetector, EnergyDetector, ClassMahalanobisDetector])
+    @pytest.mark.parametrize(
+        "detector",
+        [MSPDetector, EnergyDetector, ClassMahalanobisDetector, PredictedMahalanobisDetector],
+    )
     def test_detectors_that_read_logits_are_served(self, detector):
         torch.manual_seed(0)
         model = SixParams()
@@ -424,7 +475,7 @@ def test_eval_reports_flagged_shares_and_metrics_per_detector_and_set(demo, tmp_
     }  # fmt: skip
     seen = {(r["detector"], r["set"]) for r in rows}
     for detector in ("msp", "energy", "sum", "mahalanobis", "mahalanobis, ID only",
-                     "class_mahalanobis", "mlp"):  # fmt: skip
+                     "class_mahalanobis", "predicted_mahalanobis", "mlp"):  # fmt: skip
         assert {(detector, s) for s in kinds} <= seen
     assert {("mlp (kind unseen)", "noise"), ("mlp (kind unseen)", "letters")} <= seen
     for r in rows:
@@ -511,7 +562,7 @@ def test_the_readme_quotes_the_demo_calibration(demo, tmp_path):
     # same seeded augmented copies
     out = run(
         BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val",
-        "--augment", "8", "--detector", "class_mahalanobis", "--out", tmp_path / "cal.json",
+        "--augment", "8", "--detector", "predicted_mahalanobis", "--out", tmp_path / "cal.json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     cal = Calibration.load(tmp_path / "cal.json")
@@ -522,15 +573,15 @@ def test_the_readme_quotes_the_demo_calibration(demo, tmp_path):
     )
 
 
-def test_calibrate_defaults_to_the_id_only_class_mahalanobis_detector_in_calibration_json(
+def test_calibrate_defaults_to_the_id_only_predicted_mahalanobis_detector_in_calibration_json(
     demo, tmp_path
 ):
     command = [BIN / "gradnorm-calibrate", demo / "digits.mar", "--id", demo / "data/id_val"]
     out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     calibration = Calibration.load(tmp_path / "calibration.json")
-    assert calibration.detector == "class_mahalanobis"
-    assert not ClassMahalanobisDetector.needs_ood
+    assert calibration.detector == "predicted_mahalanobis"
+    assert not PredictedMahalanobisDetector.needs_ood
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_http_aio
+import yaml
 from torchserve_grpc import generate_stubs
 from torchserve_harness import (
     REPO,
@@ -25,6 +26,7 @@ from torchserve_harness import (
     demo_config,
     demo_sum_threshold,
     serving,
+    with_config,
 )
 from tritonclient.utils import InferenceServerException
 
@@ -45,9 +47,16 @@ THRESHOLD = demo_sum_threshold()  # flags the last picture only
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("torchserve-clients")
     demo_archive(work, handler={"threshold": THRESHOLD})
-    ts = TorchServe(work, work / "model_store", ["digits"])
+    # a model whose load fails (gradnorm-archive refuses to pack it: edited after packing)
+    good = demo_archive(work, "good")
+    broken = demo_config()
+    broken["handler"]["top_k"] = 0
+    (work / "broken.yaml").write_text(yaml.safe_dump(broken))
+    with_config(good, work / "model_store/broken.mar", work / "broken.yaml")
+    good.unlink()
+    ts = TorchServe(work, work / "model_store", ["digits", "broken"])
     ts.extra_config = ["ts_open_inference_protocol=true"]  # OIP health and gRPC service
-    with serving(ts) as running:
+    with serving(ts, ready_models=["digits"]) as running:
         yield running
 
 
@@ -174,9 +183,9 @@ def grpc_metadata(server) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {server.key()}")]
 
 
-def worker_pids(server) -> list[int]:
+def worker_pids(server, model: str = "digits") -> list[int]:
     r = requests.get(
-        f"http://127.0.0.1:{server.management_port}/models/digits",
+        f"http://127.0.0.1:{server.management_port}/models/{model}",
         headers={"Authorization": f"Bearer {server.key('management')}"},
         timeout=10,
     )
@@ -245,6 +254,34 @@ def test_oip_grpc_model_infer_answers_predictions_and_ood_outputs(server, stubs,
         with pytest.raises(grpc.RpcError) as denied:
             stub.ServerReady(pb.ServerReadyRequest())
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_oip_grpc_to_a_model_that_failed_to_load_gets_the_load_error_and_no_worker_restart(
+    server, stubs
+):
+    pb, service = stubs["open_inference_grpc_pb2"], stubs["open_inference_grpc_pb2_grpc"]
+    sent = pb.ModelInferRequest.InferInputTensor(
+        name="pixels",
+        datatype="FP32",
+        shape=list(pixel_tensors().shape),
+        contents=pb.InferTensorContents(fp32_contents=pixel_tensors().ravel().tolist()),
+    )
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = service.GRPCInferenceServiceStub(channel)
+        pids = worker_pids(server, "broken")
+        for n in range(2):
+            answer = stub.ModelInfer(
+                pb.ModelInferRequest(model_name="broken", id=f"b{n}", inputs=[sent]),
+                metadata=grpc_metadata(server),
+                timeout=30,
+            )
+            (error,) = answer.outputs
+            assert (answer.id, error.name) == (f"b{n}", "error")
+            assert json.loads(error.contents.bytes_contents[0]) == (
+                "model 'broken' failed to load: invalid model-config.yaml: "
+                "handler.top_k: expected an integer >= 1, got 0"
+            )
+        assert worker_pids(server, "broken") == pids
 
 
 def test_standard_oip_grpc_clients_find_no_service_in_torchserve_0_12(server):

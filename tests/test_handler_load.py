@@ -57,6 +57,40 @@ def test_weights_that_do_not_load_are_answered_with_a_503_carrying_the_error(tmp
     assert answer["error"]["message"].startswith("model 'mymodel' failed to load: RuntimeError: ")
 
 
+def test_a_failed_load_answers_each_protocol_in_its_own_error_shape(tmp_path):
+    yaml = demo_config()
+    yaml["handler"]["top_k"] = 0
+    context = FakeContext(tmp_path, scripted_demo(tmp_path), yaml)
+    context.manifest["model"]["modelVersion"] = "2.0"
+    handler = loaded_handler(context)
+    v2_body = {"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [0]}]}
+    requests = [
+        {"body": v2_body},  # KServe v2 route over HTTP
+        {"body": {"model_name": "mymodel", "id": "r7", **v2_body}},  # OIP ModelInfer, gRPC
+        {"body": b"picture"},  # native gRPC Predictions
+    ]
+    context.request_headers = [{"Host": "x", "explain": "False"}, {}, {}]
+    v2, oip, native = handler.handle(requests, context)
+    message = (
+        "model 'mymodel' failed to load: invalid model-config.yaml: "
+        "handler.top_k: expected an integer >= 1, got 0"
+    )
+    assert v2 == {"error": message}
+    # TorchServe's OIP frontend builds its answer from these fields, or restarts the worker
+    assert (oip["id"], oip["model_name"], oip["model_version"]) == ("r7", "mymodel", "2.0")
+    assert oip["outputs"] == [
+        {"name": "error", "datatype": "BYTES", "shape": [1], "data": [message]}
+    ]
+    assert native["error"] == {"code": 503, "message": message}
+    assert context.statuses == {0: 503, 1: 503, 2: 503}
+    # the gRPC stream ends on this header instead of waiting for more parts
+    assert [context.response_headers[i].get("ts_stream_next") for i in range(3)] == [
+        None,
+        "false",
+        "false",
+    ]
+
+
 def test_a_model_that_loads_is_not_refused(tmp_path):
     context = FakeContext(tmp_path, scripted_demo(tmp_path), demo_config())
     handler = loaded_handler(context)

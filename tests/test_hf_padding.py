@@ -8,7 +8,7 @@ import torch
 
 from torchserve_gradnorm import GradNormScorer
 from torchserve_gradnorm.config import InputConfig, LimitsConfig
-from torchserve_gradnorm.text import TextEncoder
+from torchserve_gradnorm.text import Text, TextEncoder
 
 from hf_models import TEXT_MODELS, autograd_reference, text_classifier, tokenizer, vit_classifier
 
@@ -41,6 +41,26 @@ def test_the_served_text_batches_are_scored_exactly_on_the_fast_backend(kind):
     assert scorer.backend == "fast"
     for i, text in enumerate(TEXTS):
         logits, score = autograd_reference(model, dict(tok([text], return_tensors="pt")))
+        torch.testing.assert_close(result.logits[i], logits, rtol=1e-6, atol=0)
+        assert result.ood_score[i].item() == pytest.approx(score, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", TEXT_MODELS)
+def test_a_batch_holding_a_text_truncated_to_max_length_stays_exact_on_fast(kind):
+    tok = tokenizer(kind)
+    model = text_classifier(kind, len(tok), tok.pad_token_id)
+    encoder = TextEncoder(
+        tok, InputConfig(kind="text", max_length=6, truncation=True), LimitsConfig()
+    )
+    long_text = "the cat sat on the mat and then it slept for a long while"
+    samples = [encoder.tokenize(Text(t)) for t in (long_text, "bad")]
+    assert len(samples[0]["input_ids"]) == 6, "the long text should be truncated"
+    scorer = GradNormScorer(model)
+    result = scorer(encoder.pad(samples))
+    assert scorer.backend == "fast"
+    for i, sample in enumerate(samples):
+        alone = {name: torch.tensor([ids]) for name, ids in sample.items()}
+        logits, score = autograd_reference(model, alone)
         torch.testing.assert_close(result.logits[i], logits, rtol=1e-6, atol=0)
         assert result.ood_score[i].item() == pytest.approx(score, rel=1e-6)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchserve_gradnorm import BackendUnsupported, GradNormScorer
+from torchserve_gradnorm.norms import conv as conv_rule
 from torchserve_gradnorm.norms import linear as linear_rule
 
 METHODS = ("confounding", "kl")
@@ -242,7 +243,25 @@ CONV_CASES = [
     # weights large enough that per-sample gradients are built from unfolded patches
     case(nn.Conv2d(128, 128, 3, padding=1, groups=2), 128, 3, 3, id="2d-large-unfold-groups"),
     case(nn.Conv1d(256, 256, 1, stride=2), 256, 4, id="1d-large-unfold"),
+    # 1x1 kernels: the patches are the (strided) input itself, no im2col
+    case(nn.Conv2d(8, 6, 1), 8, 3, 4, id="2d-1x1"),
+    case(nn.Conv2d(8, 6, 1, stride=2, bias=False), 8, 5, 4, id="2d-1x1-stride-2"),
+    case(nn.Conv2d(8, 6, 1, stride=(2, 1), groups=2), 8, 5, 4, id="2d-1x1-strides-groups"),
+    # many output positions (grouped-convolution build) and depthwise kernels
+    case(nn.Conv2d(2, 3, 3, padding=1), 2, 17, 16, id="2d-many-positions"),
+    case(nn.Conv2d(8, 8, 5, padding=2, groups=8), 8, 6, 6, id="2d-depthwise"),
 ]
+
+
+class Rows(nn.Module):
+    """A conv over a sample's several rows (B, 2, C, H, W) -> one norm a sample."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.flatten(0, 1)).unflatten(0, (len(x), -1))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -251,6 +270,27 @@ def test_conv_rule_matches_loop(layer, shape, method):
     """Each case runs the branch its shape selects (rank one, ghost or build; see conv.py)."""
     x = inputs(*shape)
     assert_fast_matches_loop(classifier(layer, x), x, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        case(nn.Conv2d(64, 4, 3, padding=1), 64, 3, 3, id="unfold"),
+        case(nn.Conv2d(3, 4, 3, padding=1), 3, 5, 5, id="grouped-conv"),
+        case(nn.Conv1d(4, 6, 1, stride=2), 4, 7, id="1x1"),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_conv_rule_builds_in_chunks_of_samples_and_sums_a_samples_rows(
+    layer, shape, method, rows, monkeypatch
+):
+    """With room for one sample's gradient at a time, every chunk reuses one buffer; with
+    two rows a sample, both rows' gradients add up before the norm."""
+    monkeypatch.setattr(conv_rule, "BUILD_NUMBERS", 1)
+    x = inputs(*((rows, *shape) if rows > 1 else shape))
+    body = Rows(layer) if rows > 1 else layer
+    assert_fast_matches_loop(classifier(body, x), x, method)
 
 
 # --- normalization layers ------------------------------------------------------------------

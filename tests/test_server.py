@@ -103,7 +103,7 @@ def calibrate_demo(archive: Path, work: Path) -> None:
     )  # fmt: skip
     subprocess.run(
         [str(bin_dir / "gradnorm-calibrate"), str(archive), "--id", str(data / "id_val"),
-         "--augment", "8", "--detector", "class_mahalanobis", "--into", str(archive),
+         "--augment", "8", "--detector", "predicted_mahalanobis", "--into", str(archive),
          "--out", str(work / "cal.json")],
         check=True, capture_output=True,
     )  # fmt: skip
@@ -320,7 +320,7 @@ def test_a_calibrated_archive_flags_ood_out_of_the_box(server):
     noise = REPO / "samples/images/ood/noise_blocks.png"
     for picture, expected in ((ID_PICTURE, False), (noise, True)):
         ood = post(server, "digits_cal", data=picture.read_bytes()).json()["ood"]
-        assert ood["detector"] == "class_mahalanobis"
+        assert ood["detector"] == "predicted_mahalanobis"
         assert ood["threshold"] == pytest.approx(calibration.threshold)
         assert ood["is_ood"] is expected, (picture.name, ood)
         offline = calibration.build_detector().score(offline_features(picture))[0]
@@ -335,7 +335,7 @@ def close_to_quoted(value: float, text: str) -> bool:
 
 
 def test_the_readme_example_answers_are_the_calibrated_demos(server):
-    # digits_cal is calibrated like `make archive` (class_mahalanobis on the same 270 digits
+    # digits_cal is calibrated like `make archive` (predicted_mahalanobis on the same 270 digits
     # and the same 8 seeded augmented copies of each)
     readme = " ".join((REPO / "README.md").read_text().split())
     top = re.findall(r'\{"index": (\d+), "label": "(\w+)", "probability": ([0-9.]+)\}', readme)

@@ -298,6 +298,15 @@ class FakeContext:
         self.model_name = "mymodel"
         self.statuses: dict[int, int] = {}
         self.content_types: dict[int, str] = {}
+        self.request_headers: list[dict] = []
+        """What the frontend hands the worker per request; none is like a test's call."""
+        self.response_headers: dict[int, dict[str, str]] = {}
+
+    def get_all_request_header(self, idx: int) -> dict:
+        return self.request_headers[idx] if idx < len(self.request_headers) else {"Host": "x"}
+
+    def set_response_header(self, idx: int, name: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[name] = value
 
     def set_response_status(self, code: int, phrase: str, idx: int = 0) -> None:
         self.statuses[idx] = code

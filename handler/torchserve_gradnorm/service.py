@@ -8,6 +8,7 @@ cannot fail the others.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -52,6 +53,44 @@ class Reply:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     """Response headers beside the content type."""
+
+
+def refusals(
+    requests: Sequence[Mapping[str, Any]],
+    headers: Sequence[Mapping[str, Any]] | None,
+    status: int,
+    message: str,
+    model_name: str,
+    model_version: str = "",
+) -> list[Reply]:
+    """Every request of a batch refused with one message (a model that failed to load), each
+    in the shape its own protocol reads: an OIP gRPC answer (any other shape throws in
+    TorchServe's frontend and restarts the worker), ``{"error": str}`` for v2 requests, the
+    usual error answer otherwise."""
+    replies = []
+    for i, request in enumerate(requests):
+        delivery = Delivery.from_headers(headers[i] if headers is not None else None)
+        try:
+            payload = request_payload(request)
+        except RequestError:
+            payload = None
+        if isinstance(payload, (bytes, bytearray)):
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                pass
+        if delivery.is_oip_grpc(payload):
+            body = grpc_error_answer(
+                str(payload.get("id") or ""), model_name, model_version, message
+            )
+        else:
+            v2 = delivery.speaks_v2 or (isinstance(payload, Mapping) and "inputs" in payload)
+            body = error_body(status, message, v2)
+        reply = Reply(status, body)
+        if not delivery.http:
+            reply.headers["ts_stream_next"] = "false"  # see GradNormService.handle
+        replies.append(reply)
+    return replies
 
 
 @dataclass

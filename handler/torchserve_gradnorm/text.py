@@ -105,6 +105,7 @@ class TextEncoder:
         self.limits = limits
         self.model_inputs = model_inputs
         self.max_length = input_config.max_length or model_max_length
+        self.model_max_length = model_max_length
 
     # --- requests -> texts ---
 
@@ -189,15 +190,18 @@ class TextEncoder:
     def pad(self, samples: Sequence[Tokens]) -> dict[str, torch.Tensor]:
         """One batch, padded on the right past its longest sample, with the attention mask.
 
-        One position more than the longest sample (within the model's maximum length) gives
-        every sample a masked position: transformers skips the mask for a sample with none
-        (``mask.all()``), a branch that would then differ between the samples of the batch
-        and keep the fast backend from scoring them together. Scores do not depend on
-        padding, so the extra position changes no answer.
+        One position more than the longest sample gives every sample a masked position:
+        transformers skips the mask for a sample with none (``mask.all()``), a branch that
+        would then differ between the samples of the batch and keep the fast backend from
+        scoring them together. Scores do not depend on padding, so the extra position changes
+        no answer. Only the model's own limit caps it, not ``max_length``: a text truncated
+        to ``max_length`` is common traffic, and still gets its masked position.
         """
         samples = list(samples)
         longest = max(len(s["input_ids"]) for s in samples)
-        length = longest + 1 if not self.max_length else min(longest + 1, self.max_length)
+        length = longest + 1
+        if self.model_max_length:
+            length = min(length, self.model_max_length)
         batch = self.tokenizer.pad(
             samples, padding="max_length", max_length=length, return_tensors="pt"
         )

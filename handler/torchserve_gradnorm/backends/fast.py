@@ -8,9 +8,10 @@ the parameters meet the batch.
    follows the samples' dimension call by call; any other model, or one that steps outside
    those calls, runs under ``torch.func.vmap`` with a ``UseRecorder`` (recording.py), and
    its input shape goes straight to vmap from then on.
-2. One ``torch.autograd.grad`` of the summed per-sample losses with respect to the outputs
-   of those calls gives every sample's output gradient there; autograd computes no weight
-   gradient.
+2. One backward of the summed per-sample losses to the outputs of those calls gives every
+   sample's output gradient there; autograd computes no weight gradient. Each call's
+   gradient is handed to its rule as the backward reaches it (streaming.py), so that only
+   one layer's output gradient is held at a time.
 3. A rule per torch function (``norms/``: linear, addmm, conv, the norms, embedding,
    broadcast add and mul) turns each call's inputs and output gradient into per-sample
    norms without building per-sample gradients where a closed form exists; any other call
@@ -44,6 +45,7 @@ from ..outputs import Batch, batch_size, call_model, first_input, logits_of, map
 from .base import Backend, BackendUnsupported, is_torchscript, requires_grad_only
 from .recording import Use, UseRecorder
 from .rowwise import NotRowWise, RowWiseRecorder, model_constants
+from .streaming import stream_output_grads
 
 log = logging.getLogger("torchserve_gradnorm")
 
@@ -175,19 +177,6 @@ class FastBackend(Backend):
         self, loss: Tensor, uses: list[Use], params: list[Tensor], names: dict[int, str], batch
     ) -> dict[str, Tensor]:
         kind = self.method.norm
-        edges = [e for use in uses for e in use.edges]
-        grads = iter(torch.autograd.grad(loss, edges, allow_unused=True) if edges else [])
-        calls = []
-        for use in uses:
-            grad_outputs = []
-            for dim, view, edge in zip(use.out_dims, use.views, use.edges):
-                grad = next(grads)
-                if grad is None:  # the output does not reach the loss
-                    grad = loss.new_zeros(edge.node._input_metadata[edge.output_nr].shape)
-                grad = view.read(grad) if view is not None else grad
-                grad_outputs.append(use.laid_out(grad, dim))
-            calls.append(OpCall(use.func, use.args, use.kwargs, use.per_sample, grad_outputs))
-
         # which parameter-side tensors need their per-sample gradient built (see step 4)
         direct: dict[int, int] = defaultdict(int)
         computed = []
@@ -219,8 +208,18 @@ class FastBackend(Backend):
             keep[id(original)] = original
             built[id(original)] = built[id(original)] + value if id(original) in built else value
 
-        for use, call in zip(uses, calls):
+        def ready(use: Use, grads: list[Tensor | None]) -> None:
+            grad_outputs = []
+            for dim, view, edge, grad in zip(use.out_dims, use.views, use.edges, grads):
+                if grad is None:  # the output does not reach the loss
+                    grad = loss.new_zeros(edge.node._input_metadata[edge.output_nr].shape)
+                grad = view.read(grad) if view is not None else grad
+                grad_outputs.append(use.laid_out(grad, dim))
+            call = OpCall(use.func, use.args, use.kwargs, use.per_sample, grad_outputs)
             self._apply(use, call, need, add, kind)
+            use.args, use.kwargs, use.versions = (), {}, []  # its inputs can go now
+
+        stream_output_grads(loss, uses, ready)
 
         if computed:
             sources = [keep[id(t)] for t in computed if id(t) in built]

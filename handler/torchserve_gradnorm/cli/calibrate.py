@@ -1,7 +1,7 @@
 """gradnorm-calibrate: fit a detector and its threshold on in-distribution data.
 
     gradnorm-calibrate ARCHIVE --id DIR [--augment [COPIES]] [--ood DIR ...] [--tpr 0.95]
-        [--detector NAME (default class_mahalanobis)] [--out FILE] [--into ARCHIVE] [--plot PNG]
+        [--detector NAME (default predicted_mahalanobis)] [--out FILE] [--into ARCHIVE] [--plot PNG]
 
 Scores go through the archive's own preprocessing and scoring settings. ``--augment`` adds
 COPIES (default 4) augmented renderings of every ID picture (enlarged with another filter,
@@ -28,10 +28,11 @@ from ..mar import open_archive, write_member
 from ._common import feature_scorer, score_augmented, score_folders
 
 # The strongest detector that needs only ID data: the scalar sum's sign is a bet that fails
-# on many OOD kinds (README, "Why the sign"), mlp needs labelled OOD samples, and one
-# Gaussian for all classes (mahalanobis) lets through OOD that resembles an average class
-# (README, "Calibrated OOD flags").
-DEFAULT_DETECTOR = "class_mahalanobis"
+# on many OOD kinds (README, "Why the sign"), mlp needs labelled OOD samples, one Gaussian
+# for all classes (mahalanobis) lets through OOD that resembles an average class, and the
+# closest class (class_mahalanobis) measures an answer against a class other than the one
+# the model gave (README, "Calibrated OOD flags").
+DEFAULT_DETECTOR = "predicted_mahalanobis"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,15 +12,15 @@ metrics of pytorch-ood's OODMetrics (OOD positive, higher score = more OOD; for 
 set an AUROC near 0.5 means the detector does not tell it from ID, which is the goal).
 
 Detectors: ``msp`` (Hendrycks & Gimpel 2017) and ``energy`` (Liu et al. 2020), the logit
-baselines; ``sum`` (the engine's score); ``mahalanobis`` and ``class_mahalanobis``
-(fitted on --fit-id, plus COPIES augmented copies of each picture with --fit-augment, in
-which case ``mahalanobis, ID only`` is also fitted without them); ``mlp`` (trained on
---fit-id and --fit-ood); ``mlp (kind unseen)`` (when a --fit-ood folder has the name of the
-evaluated OOD set: an mlp trained on the other kinds only, the honest number for OOD nobody
-labelled); and ``shipped (...)``, the archive's own calibration with its own threshold.
-The other detectors' thresholds sit at the shipped calibration's TPR (0.95 without one)
-on the --fit-id samples (as gradnorm-calibrate sets them: augmented copies shape the fit,
-not the threshold).
+baselines; ``sum`` (the engine's score); ``mahalanobis``, ``class_mahalanobis`` and
+``predicted_mahalanobis`` (fitted on --fit-id, plus COPIES augmented copies of each picture
+with --fit-augment, in which case ``mahalanobis, ID only`` is also fitted without them);
+``mlp`` (trained on --fit-id and --fit-ood); ``mlp (kind unseen)`` (when a --fit-ood folder
+has the name of the evaluated OOD set: an mlp trained on the other kinds only, the honest
+number for OOD nobody labelled); and ``shipped (...)``, the archive's own calibration with
+its own threshold. The other detectors' thresholds sit at the shipped calibration's TPR (0.95
+without one) on the --fit-id samples (as gradnorm-calibrate sets them: augmented copies shape
+the fit, not the threshold).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from ..detectors import (
     MahalanobisDetector,
     MLPDetector,
     MSPDetector,
+    PredictedMahalanobisDetector,
     SumDetector,
 )
 from ..evaluation import ood_metrics
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     MahalanobisDetector(), plain, plain, tpr
                 )
             candidates["mahalanobis"] = fitted(MahalanobisDetector(), fit, plain, tpr)
-            candidates["class_mahalanobis"] = fitted(ClassMahalanobisDetector(), fit, plain, tpr)
+            for detector in (ClassMahalanobisDetector(), PredictedMahalanobisDetector()):
+                candidates[detector.name] = fitted(detector, fit, plain, tpr)
             if args.fit_ood:
                 fit_ood = score_folders(scorer, decoder, args.fit_ood, args.batch_size)
                 mlp = MLPDetector()

@@ -3,8 +3,9 @@ calibration time.
 
 Every detector maps a batch's features to a score where higher means more OOD. Fitted
 parameters are plain numbers and arrays (stored in the calibration JSON), never pickled
-code. ``msp``, ``energy`` and ``sum`` need no fitting; ``mahalanobis`` and
-``class_mahalanobis`` are fitted on ID data only; ``mlp`` also needs labelled OOD data.
+code. ``msp``, ``energy`` and ``sum`` need no fitting; ``mahalanobis``,
+``class_mahalanobis`` and ``predicted_mahalanobis`` are fitted on ID data only; ``mlp`` also
+needs labelled OOD data.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .energy import EnergyDetector
 from .mahalanobis import MahalanobisDetector
 from .mlp import MLPDetector
 from .msp import MSPDetector
+from .predicted_mahalanobis import PredictedMahalanobisDetector
 from .sum import SumDetector
 
 DETECTORS: dict[str, type[Detector]] = {
@@ -25,6 +27,7 @@ DETECTORS: dict[str, type[Detector]] = {
         EnergyDetector,
         MahalanobisDetector,
         ClassMahalanobisDetector,
+        PredictedMahalanobisDetector,
         MLPDetector,
     )
 }
@@ -48,6 +51,7 @@ __all__ = [
     "MLPDetector",
     "MSPDetector",
     "MahalanobisDetector",
+    "PredictedMahalanobisDetector",
     "SumDetector",
     "get_detector",
     "log_features",

@@ -5,20 +5,23 @@ input).
 Per sample and per group, the weight gradient is G U^T, with G (p, T) the output gradient
 over the T output positions and U (d, T) the unfolded input (d = C_in/groups x kernel).
 Three ways to its norm, chosen per call (Bu, Mao & Xu 2022, mixed ghost clipping):
-- ghost (squared L2, 1-D and 2-D convs, when 2 T^2 <= d p): |G U^T|^2 = <G^T G, U^T U>,
-  two (T, T) Gram matrices per sample; nothing of the weight's size is built.
+- ghost (squared L2, 1-D and 2-D convs, when T^2 (d + p) < T d p multiply-adds): |G U^T|^2 =
+  <G^T G, U^T U>, two (T, T) Gram matrices per sample; nothing of the weight's size is built.
 - rank one (any norm, 1-D and 2-D convs with a single output position, T = 1, as in the
   last stage of a ResNet on small inputs): G U^T is an outer product g u^T, so the norms
   are |g|^2 |u|^2 and |g|_1 |u|_1, as for a Linear layer.
-- build: G U^T per sample, in chunks of samples that bound its size, either as one
-  batched matrix product of the unfolded input (1-D and 2-D convs with large weights), or
-  as the weight gradient of a convolution, which is itself a convolution of the input with
-  the output gradient: folding the batch into the channel axis and multiplying ``groups``
-  by B gives all per-sample weight gradients in one grouped-convolution backward call.
+- build: G U^T per sample, a few samples at a time into one reused buffer (a chunk stays in
+  cache; a large layer's B x |W| is never held whole), either as one batched matrix product
+  of the unfolded input (1x1 kernels, whose patches are the input itself, and layers with
+  few output positions), or as the weight gradient of a convolution, which is itself a
+  convolution of the input with the output gradient: folding the batch into the channel
+  axis and multiplying ``groups`` by B gives all per-sample weight gradients in one
+  grouped-convolution backward call (many output positions, depthwise kernels, 3-D).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +101,10 @@ def grouped_weight_grad(spec: ConvSpec, activation: Tensor, grad_output: Tensor)
 
 def _unfold(spec: ConvSpec, x: Tensor) -> Tensor:
     """(N, C_in * prod(kernel), T) patches, for 1-D and 2-D convolutions."""
+    if all(k == 1 for k in spec.kernel_size) and not any(spec.padding):
+        # a 1x1 convolution's patches are the input itself (strided): no im2col copy
+        strided = x[(..., *(slice(None, None, s) for s in spec.stride))]
+        return strided.flatten(2)
     if x.dim() == 3:  # a 1-D conv is a 2-D conv of height 1
         return F.unfold(
             x.unsqueeze(2),
@@ -128,9 +135,19 @@ def grouped_patches(
     return side_by_side(u), side_by_side(g)
 
 
-def unfolded_weight_grad(spec: ConvSpec, activation: Tensor, grad_output: Tensor) -> Tensor:
-    u, g = grouped_patches(spec, activation, grad_output, len(activation))
-    return torch.matmul(g, u.transpose(2, 3)).reshape(len(u), *spec.weight.shape)
+def unfolded_weight_grad(
+    spec: ConvSpec, activation: Tensor, grad_output: Tensor, samples: int, out: Tensor | None
+) -> Tensor:
+    """(samples, *weight.shape) per-sample weight gradients as one batched product of the
+    unfolded input, written into ``out`` (a reused buffer) when given."""
+    u, g = grouped_patches(spec, activation, grad_output, samples)
+    u, g = u.flatten(0, 1), g.flatten(0, 1)
+    shape = (len(g), g.shape[1], u.shape[1])
+    if out is None:
+        return torch.bmm(g, u.transpose(1, 2)).reshape(samples, *spec.weight.shape)
+    out = out[: math.prod(shape)].view(shape)
+    torch.bmm(g, u.transpose(1, 2), out=out)
+    return out.view(samples, *spec.weight.shape)
 
 
 def ghost_sq_norm(spec: ConvSpec, activation: Tensor, grad_output: Tensor, batch: int) -> Tensor:
@@ -149,38 +166,69 @@ def rank_one_norm(
     return (g.abs().sum((2, 3)) * u.abs().sum((2, 3))).sum(1)
 
 
-UNFOLD_FROM = 1 << 16  # weight size from which building through unfold is faster
+BUILD_NUMBERS = 1 << 22
+"""Numbers of per-sample gradient (and unfolded patches) built at once: small enough that a
+chunk is written and reduced while still in cache, and that a large layer's B x |W| is never
+held whole."""
 
 
-def weight_grads(spec: ConvSpec, activation: Tensor, grad_output: Tensor) -> Tensor:
-    """(N, *weight.shape) per-row weight gradients."""
-    # measured on CPU (ResNet-18 layers): one grouped conv wins for small weights, the
-    # batched product of unfolded patches for large ones (2-3x either way)
-    large = spec.weight.numel() >= UNFOLD_FROM
-    build = unfolded_weight_grad if large and activation.dim() <= 4 else grouped_weight_grad
-    return build(spec, activation, grad_output)
+def _unfolds(spec: ConvSpec, activation: Tensor, grad_output: Tensor) -> bool:
+    """Whether the batched product of unfolded patches builds this layer's per-sample
+    gradients faster than the grouped convolution (measured on CPU, ResNet-18/50 and
+    depthwise layers: 1.5-4x either way)."""
+    if activation.dim() > 4:
+        return False
+    if all(k == 1 for k in spec.kernel_size) and not any(spec.padding):
+        return True  # the patches are the input itself
+    # few output positions: the grouped convolution's per-group overhead dominates; many,
+    # or a depthwise kernel's short rows: im2col's copy and thin products lose
+    return grad_output[0, 0].numel() < 256 and spec.weight[0].numel() >= 64
+
+
+def weight_grads(
+    spec: ConvSpec, activation: Tensor, grad_output: Tensor, samples: int, out: Tensor | None = None
+) -> Tensor:
+    """(samples, *weight.shape) per-sample weight gradients, summed over each sample's rows."""
+    if _unfolds(spec, activation, grad_output):
+        return unfolded_weight_grad(spec, activation, grad_output, samples, out)
+    grads = grouped_weight_grad(spec, activation, grad_output)
+    if len(grads) != samples:
+        grads = grads.reshape(samples, -1, *grads.shape[1:]).sum(1)
+    return grads
 
 
 def built_norm(
     spec: ConvSpec, activation: Tensor, grad_output: Tensor, kind: str, batch: int
 ) -> Tensor:
     rows = len(activation) // batch
-    # B x |W| numbers per chunk; keep each chunk near 2^26 of them
-    chunk = rows * max(1, (1 << 26) // (spec.weight.numel() * rows))
-    norms = []
-    for a, g in zip(activation.split(chunk), grad_output.split(chunk)):
-        grads = weight_grads(spec, a, g)
-        norms.append(per_sample_norm(grads.reshape(-1, rows, *grads.shape[1:]).sum(1), kind))
-    return torch.cat(norms)
+    numbers = spec.weight.numel()  # a sample's, per chunk
+    unfolds = _unfolds(spec, activation, grad_output)
+    if unfolds:  # the sample's patches U and G are built too
+        positions = rows * grad_output[0, 0].numel()
+        patches = positions * (spec.weight[0].numel() * spec.groups + grad_output.shape[1])
+        numbers = max(numbers, patches)
+    chunk = min(batch, max(1, BUILD_NUMBERS // numbers))
+    # one buffer reused by every chunk: fresh B x |W| allocations cost page faults
+    buffer = activation.new_empty(chunk * spec.weight.numel()) if unfolds else None
+    norms = activation.new_empty(batch)
+    for start in range(0, batch, chunk):
+        samples = min(chunk, batch - start)
+        a = activation[start * rows : (start + samples) * rows]
+        g = grad_output[start * rows : (start + samples) * rows]
+        grads = weight_grads(spec, a, g, samples, buffer)
+        norms[start : start + samples] = per_sample_norm(grads, kind)
+    return norms
 
 
 def prefers_ghost(spec: ConvSpec, grad_output: Tensor, kind: str, rows: int) -> bool:
+    """Ghost norms cost T^2 (d + p) multiply-adds a sample and group, building G U^T costs
+    T d p: the cheaper one wins (the ghost's Gram matrices are then smaller than a gradient)."""
     if kind != "sq_l2" or grad_output.dim() > 4:
         return False
     positions = rows * grad_output[0, 0].numel()
     d = spec.weight[0].numel()  # C_in / groups x kernel
     p = spec.weight.shape[0] // spec.groups
-    return 2 * positions * positions <= d * p
+    return positions * (d + p) < d * p
 
 
 def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
@@ -206,8 +254,7 @@ def conv_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if "weight" in want:
         if want["weight"] == "grad":
-            grads = weight_grads(spec, activation, grad_output)
-            out["weight"] = grads.reshape(batch, rows, *grads.shape[1:]).sum(1)
+            out["weight"] = weight_grads(spec, activation, grad_output, batch)
         elif grad_output.dim() <= 4 and rows * grad_output[0, 0].numel() == 1:
             out["weight"] = rank_one_norm(spec, activation, grad_output, kind, batch)
         elif prefers_ghost(spec, grad_output, kind, rows):

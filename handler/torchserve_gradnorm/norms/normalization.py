@@ -62,15 +62,22 @@ def _batchnorm_check(arguments: dict) -> str | None:
 def batchnorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a = call.bound
     x, (g,) = a["input"], call.grad_outputs
-    xr = x.reshape(-1, *x.shape[2:])  # one sample's value is (N, C, *spatial), N usually 1
-    shape = [1, -1] + [1] * (xr.dim() - 2)
-    xhat = (xr - a["running_mean"].view(shape)) * torch.rsqrt(
-        a["running_var"].view(shape) + a["eps"]
-    )
-    batch = len(x)
-    return affine_norms(
-        channels_last(xhat, batch), channels_last(g.reshape(xr.shape), batch), want, kind
-    )
+    batch, channels = len(x), x.shape[2]
+    # one sample's value is (N, C, *spatial), N usually 1; kept in that (contiguous) layout,
+    # (B, N, C, positions), so that every reduction runs over the innermost axis
+    x = x.reshape(batch, -1, channels, x[0, 0, 0].numel())
+    g = g.reshape(x.shape)
+    out: dict[str, Tensor] = {}
+    if "weight" in want:
+        # sum over positions of g * (x - mean) / std, the 1 / std taken out of the sum
+        centered = x - a["running_mean"].view(-1, 1)
+        weight = centered.mul_(g).sum((1, 3)) * torch.rsqrt(a["running_var"] + a["eps"])
+        del centered
+        out["weight"] = weight if want["weight"] == "grad" else per_sample_norm(weight, kind)
+    if "bias" in want:
+        bias = g.sum((1, 3))
+        out["bias"] = bias if want["bias"] == "grad" else per_sample_norm(bias, kind)
+    return out
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
@@ -85,11 +92,25 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
 def layernorm_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     a = call.bound
     x, (g,) = a["input"], call.grad_outputs
-    dims = tuple(range(x.dim() - len(a["normalized_shape"]), x.dim()))
-    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
-    xhat = (x - mean) * torch.rsqrt(var + a["eps"])
-    shape = (len(x), -1, *x.shape[dims[0] :])
-    return affine_norms(xhat.reshape(shape), g.reshape(shape), want, kind)
+    lead = x.dim() - len(a["normalized_shape"])
+    positions = tuple(range(1, lead))
+    # summed over the positions in place: a channels-last view (torchvision's and timm's
+    # LayerNorm2d permute NCHW) would be copied by a reshape to (B, positions, C)
+
+    def over_positions(t: Tensor) -> Tensor:
+        return t.sum(positions) if positions else t
+
+    out: dict[str, Tensor] = {}
+    if "weight" in want:
+        var, mean = torch.var_mean(x, dim=tuple(range(lead, x.dim())), unbiased=False, keepdim=True)
+        xhat = (x - mean).mul_(torch.rsqrt(var + a["eps"]))
+        weight = over_positions(xhat.mul_(g))
+        del xhat
+        out["weight"] = weight if want["weight"] == "grad" else per_sample_norm(weight, kind)
+    if "bias" in want:
+        bias = over_positions(g)
+        out["bias"] = bias if want["bias"] == "grad" else per_sample_norm(bias, kind)
+    return out
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
