@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from torchserve_gradnorm import GradNormScorer
+from torchserve_gradnorm.backends import BatchDependent
 from torchserve_gradnorm.losses import confounding_loss, uniform_kl_loss
+from torchserve_gradnorm.scorer import BATCH_DEPENDENT_LIMIT
 
 from models import TinyTransformer, mlp
 
@@ -222,7 +224,7 @@ class TestBackendsChoice:
         with pytest.raises(ValueError, match="TorchScript"):
             GradNormScorer(scripted, backend="vmap")
 
-    def test_auto_falls_back_when_vmap_raises_logs_once_and_remembers(self, caplog):
+    def test_a_model_whose_samples_always_branch_apart_moves_auto_to_loop_for_good(self, caplog):
         class DataDependent(nn.Module):  # .item() cannot be traced by vmap
             def __init__(self):
                 super().__init__()
@@ -238,16 +240,40 @@ class TestBackendsChoice:
         x = torch.randn(4, 5, 6, dtype=torch.float64)
         scorer = GradNormScorer(model)
         assert scorer.backend == "fast"
+        expected = GradNormScorer(model, backend="loop")(x).grad_norm
         with caplog.at_level(logging.WARNING, logger="torchserve_gradnorm"):
-            first = scorer(x)
-            second = scorer(x)
+            for _ in range(BATCH_DEPENDENT_LIMIT - 1):
+                torch.testing.assert_close(scorer(x).grad_norm, expected)
+                assert scorer.backend == "fast"  # another batch may not branch apart
+            torch.testing.assert_close(scorer(x).grad_norm, expected)
+            torch.testing.assert_close(scorer(x).grad_norm, expected)
         assert scorer.backend == "loop"
         assert sum("using loop from now on" in r.message for r in caplog.records) == 1
         assert any("differs between samples" in r.message for r in caplog.records)
-        torch.testing.assert_close(first.grad_norm, second.grad_norm)
-        torch.testing.assert_close(
-            first.grad_norm, GradNormScorer(model, backend="loop")(x).grad_norm
-        )
+
+    def test_a_batch_that_branches_apart_is_scored_by_loop_and_the_next_by_fast(self):
+        class SkipsAllOnes(nn.Module):  # like transformers' mask.all() shortcut
+            def __init__(self):
+                super().__init__()
+                self.head = nn.Linear(4, 3)
+
+            def forward(self, x, mask):
+                h = x if mask.all() else x * mask
+                return self.head(h)
+
+        model = SkipsAllOnes().double()
+        x = torch.randn(3, 4, dtype=torch.float64)
+        apart = {"x": x, "mask": torch.tensor([[1.0] * 4, [1.0, 1, 1, 0], [1.0] * 4]).double()}
+        together = {"x": x, "mask": torch.tensor([[1.0, 1, 0, 0]] * 3).double()}
+        scorer = GradNormScorer(model)
+        for inputs in (apart, together, apart, together):
+            loop = GradNormScorer(model, backend="loop")(inputs).grad_norm
+            torch.testing.assert_close(scorer(inputs).grad_norm, loop)
+            assert scorer.backend == "fast"
+        only_fast = GradNormScorer(model, backend="fast")
+        only_fast(together)
+        with pytest.raises(BatchDependent, match="differs between samples"):
+            only_fast(apart)
 
     def test_a_bad_input_does_not_demote_the_backend(self):
         scorer = GradNormScorer(small_model())

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .backends import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, Backend, BackendUnsupported
+from .backends import (
+    AUTO_ORDER,
+    BACKEND_CHOICES,
+    BACKENDS,
+    Backend,
+    BackendUnsupported,
+    BatchDependent,
+)
 from .filters import ParamFilter, select_parameters
 from .losses import get_method
 from .outputs import (
@@ -26,6 +33,9 @@ from .outputs import (
 
 log = logging.getLogger("torchserve_gradnorm")
 
+# batches in a row that the first backend refused for branching between their samples before
+# ``auto`` gives up on it: each refusal costs a wasted forward
+BATCH_DEPENDENT_LIMIT = 4
 DIRECTIONS = ("low_norm_is_ood", "high_norm_is_ood")
 
 
@@ -114,6 +124,7 @@ class GradNormScorer:
         self.selected = select_parameters(model, param_filter)
         self.requested_backend = backend
         self._candidates = self._build_candidates(backend)
+        self._batch_dependent_run = 0
 
     @property
     def backend(self) -> str:
@@ -188,10 +199,16 @@ class GradNormScorer:
         """Run the current backend; under ``auto``, fall back to the next one that works.
 
         A fallback is remembered only when the next backend succeeds on the same input, so a
-        bad request cannot demote the backend for good.
+        bad request cannot demote the backend for good. A batch whose samples take different
+        branches (``BatchDependent``) goes to a backend that runs each sample alone, and
+        demotes the backend only after ``BATCH_DEPENDENT_LIMIT`` such batches in a row: a
+        padded text batch may branch where the next batch does not.
         """
         errors: list[Exception] = []
         for i, backend in enumerate(self._candidates):
+            if errors and isinstance(errors[0], BatchDependent):
+                if not backend.runs_each_sample_alone:
+                    continue
             try:
                 result = backend(x)
             except Exception as e:
@@ -200,14 +217,27 @@ class GradNormScorer:
                     raise
                 errors.append(e)
                 continue
-            if i:
-                log.warning(
-                    "gradnorm: backend %s failed on this model (%s: %s); using %s from now on",
-                    self._candidates[0].name,
-                    type(errors[0]).__name__,
-                    errors[0],
-                    backend.name,
-                )
-                self._candidates = self._candidates[i:]
+            if not i:
+                self._batch_dependent_run = 0
+                return result
+            first = self._candidates[0].name
+            if isinstance(errors[0], BatchDependent):
+                self._batch_dependent_run += 1
+                if self._batch_dependent_run < BATCH_DEPENDENT_LIMIT:
+                    log.info(
+                        "gradnorm: %s: %s; this batch scored with %s",
+                        first,
+                        errors[0],
+                        backend.name,
+                    )
+                    return result
+            log.warning(
+                "gradnorm: backend %s failed on this model (%s: %s); using %s from now on",
+                first,
+                type(errors[0]).__name__,
+                errors[0],
+                backend.name,
+            )
+            self._candidates = self._candidates[i:]
             return result
         raise errors[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend, BackendUnsupported
+from .base import Backend, BackendUnsupported, BatchDependent
 from .fast import FastBackend
 from .loop import LoopBackend
 from .vmap import VmapBackend
@@ -15,4 +15,11 @@ BACKENDS: dict[str, type[Backend]] = {
 AUTO_ORDER = ("fast", "vmap", "loop")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "BACKEND_CHOICES", "Backend", "BackendUnsupported"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "Backend",
+    "BackendUnsupported",
+    "BatchDependent",
+]

@@ -17,6 +17,13 @@ class BackendUnsupported(RuntimeError):
     """The backend cannot score this model exactly; ``auto`` moves on to the next backend."""
 
 
+class BatchDependent(BackendUnsupported):
+    """The backend cannot score this batch: its samples take different paths through the
+    model (a branch on a value that differs between them). Other batches of the same model
+    may not, so ``auto`` scores this one with the next backend without giving up on this one.
+    """
+
+
 class Backend(ABC):
     """Per-sample gradient norms for one model, parameter selection and method.
 
@@ -28,6 +35,8 @@ class Backend(ABC):
     """
 
     name: str = ""
+    runs_each_sample_alone: bool = False
+    """Each sample gets its own forward: branches that differ between samples are fine."""
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from .base import Backend, requires_grad_only
 
 class LoopBackend(Backend):
     name = "loop"
+    runs_each_sample_alone = True
 
     def __call__(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         kind = self.method.norm

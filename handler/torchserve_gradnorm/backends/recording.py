@@ -29,7 +29,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .base import BackendUnsupported
+from .base import BackendUnsupported, BatchDependent
 from .decompositions import DECOMPOSITIONS
 
 # In-place calls that can meet a parameter-side operand, and their out-of-place forms (the
@@ -359,7 +359,7 @@ class UseRecorder(TorchFunctionMode):
         samples = self._physical(args[0])
         values = [func(sample, *args[1:], **kwargs) for sample in samples]
         if any(v != values[0] for v in values[1:]):
-            raise BackendUnsupported(
+            raise BatchDependent(
                 f"data-dependent control flow ({_name(func)}) that differs between samples"
             )
         return values[0]
