@@ -8,6 +8,9 @@ A (T, d_in) the inputs over the T positions (T = 1 for a plain batch of vectors)
 - T > 1, squared L2: |G^T A|^2 = <G G^T, A A^T> ("ghost norm", cost ~ T^2 (d_in + d_out)),
   used when 2 T^2 <= d_in d_out; otherwise G^T A is built per sample (Bu, Mao & Xu 2022).
 - T > 1, L1: no shortcut; G^T A is built per sample.
+
+What is built is built a block at a time (``built_product_norm``): one buffer of at most
+``BLOCK`` elements, reused, never B x |W| at once.
 """
 
 from __future__ import annotations
@@ -25,12 +28,43 @@ def outer_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
     return g.abs().sum(1) * a.abs().sum(1)
 
 
+BLOCK = 1 << 18
+"""Elements of the buffer that per-sample weight gradients are built in (1 MiB in float32):
+small enough to stay in a core's L2 cache between the product that writes it and the
+reduction that reads it, large enough for an efficient matrix product and few calls."""
+
+
+def built_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
+    """Per-sample norm of G_b^T A_b for g (B, T, p) and a (B, T, d), built block by block:
+    several samples' whole products when they fit in ``BLOCK``, else row blocks of one."""
+    if a.shape[2] > g.shape[2]:  # the norm of (G^T A)^T: the longer side is cut into rows
+        g, a = a, g
+    batch, p, d = g.shape[0], g.shape[2], a.shape[2]
+    rows = max(1, min(p, BLOCK // d))
+    samples = max(1, min(batch, BLOCK // (rows * d))) if rows == p else 1
+    gt = g.transpose(1, 2)
+    buffer = g.new_empty(samples * rows * d)
+    out = g.new_zeros(batch)
+    for s0 in range(0, batch, samples):
+        s1 = min(batch, s0 + samples)
+        for r0 in range(0, p, rows):
+            r1 = min(p, r0 + rows)
+            block = buffer[: (s1 - s0) * (r1 - r0) * d].view(s1 - s0, r1 - r0, d)
+            torch.bmm(gt[s0:s1, r0:r1], a[s0:s1], out=block)
+            # in place: linalg.vector_norm's L1 kernel is several times slower than abs + sum
+            if kind == "sq_l2":
+                out[s0:s1] += block.square_().sum((1, 2))
+            else:
+                out[s0:s1] += block.abs_().sum((1, 2))
+    return out
+
+
 def sequence_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
     """Per-sample norm of G_b^T A_b for g (B, T, p) and a (B, T, d)."""
     t, d, p = a.shape[1], a.shape[2], g.shape[2]
     if kind == "sq_l2" and 2 * t * t <= d * p:
         return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    return per_sample_norm(torch.bmm(g.transpose(1, 2), a), kind)
+    return built_product_norm(g, a, kind)
 
 
 def product_norms(a: Tensor, g: Tensor, want: Want, kind: str, weight: str, bias: str) -> dict:
