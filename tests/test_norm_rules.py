@@ -158,18 +158,18 @@ def test_linear_cases_take_the_branch_they_are_named_for(
 
 
 @pytest.mark.parametrize("kind", ("sq_l2", "l1"))
-@pytest.mark.parametrize(("d_out", "d_in"), [(6, 4), (4, 6)])
+@pytest.mark.parametrize(("d_out", "d_in"), [(7, 4), (4, 7)])
 @pytest.mark.parametrize(
     "block",
     [
         pytest.param(4, id="row-blocks-of-one"),
-        pytest.param(16, id="row-blocks-of-four-and-a-remainder"),
-        pytest.param(48, id="two-samples-a-block-and-a-remainder"),
+        pytest.param(12, id="row-blocks-of-three-and-a-remainder"),
+        pytest.param(56, id="two-samples-a-block-and-a-remainder"),
         pytest.param(1 << 20, id="one-block"),
     ],
 )
 def test_built_weight_norms_are_the_same_whatever_the_block(block, d_out, d_in, kind, monkeypatch):
-    """Per-sample G^T A (6 x 4 or 4 x 6, cut along its longer side) is built a buffer-sized
+    """Per-sample G^T A (7 x 4 or 4 x 7, cut along its longer side) is built a buffer-sized
     block at a time; the blocks (rows of one sample, or several samples) cover each sample's
     product once."""
     generator = torch.Generator().manual_seed(0)

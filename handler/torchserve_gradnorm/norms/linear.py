@@ -28,35 +28,39 @@ def outer_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
     return g.abs().sum(1) * a.abs().sum(1)
 
 
-BLOCK = 1 << 18
-"""Elements of the buffer that per-sample weight gradients are built in (1 MiB in float32):
-small enough to stay in a core's L2 cache between the product that writes it and the
-reduction that reads it, large enough for an efficient matrix product and few calls."""
+BLOCK = 1 << 23
+"""Elements of the buffer that per-sample weight gradients are built in (32 MiB in float32):
+a few samples' products (three of a ViT-B or BERT-base MLP layer's), or one sample's in row
+blocks. Each block costs three calls, and with several threads each call is a
+synchronization that a busy machine makes slow (cache-sized blocks were up to 30x slower
+with two threads on a loaded CPU), so blocks are few and large. One buffer, reused by every block
+of a call, is still far from the B x |W| that building the whole batch's products at once
+takes (600 MB for one ViT-B MLP layer at batch 64, in float32)."""
 
 
 def built_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
     """Per-sample norm of G_b^T A_b for g (B, T, p) and a (B, T, d), built block by block:
-    several samples' whole products when they fit in ``BLOCK``, else row blocks of one."""
+    several samples' whole products when they fit in ``BLOCK``, else equal row blocks."""
     if a.shape[2] > g.shape[2]:  # the norm of (G^T A)^T: the longer side is cut into rows
         g, a = a, g
     batch, p, d = g.shape[0], g.shape[2], a.shape[2]
-    rows = max(1, min(p, BLOCK // d))
-    samples = max(1, min(batch, BLOCK // (rows * d))) if rows == p else 1
+    if p * d == 0:
+        return g.new_zeros(batch)
+    samples = max(1, min(batch, BLOCK // (p * d)))
+    rows = -(-p // -(-p * d // BLOCK)) if samples == 1 else p
     gt = g.transpose(1, 2)
     buffer = g.new_empty(samples * rows * d)
-    out = g.new_zeros(batch)
+    sums = g.new_empty(-(-p // rows), batch)  # one row per row block
     for s0 in range(0, batch, samples):
         s1 = min(batch, s0 + samples)
-        for r0 in range(0, p, rows):
+        for k, r0 in enumerate(range(0, p, rows)):
             r1 = min(p, r0 + rows)
             block = buffer[: (s1 - s0) * (r1 - r0) * d].view(s1 - s0, r1 - r0, d)
             torch.bmm(gt[s0:s1, r0:r1], a[s0:s1], out=block)
             # in place: linalg.vector_norm's L1 kernel is several times slower than abs + sum
-            if kind == "sq_l2":
-                out[s0:s1] += block.square_().sum((1, 2))
-            else:
-                out[s0:s1] += block.abs_().sum((1, 2))
-    return out
+            block = block.square_() if kind == "sq_l2" else block.abs_()
+            torch.sum(block, (1, 2), out=sums[k, s0:s1])
+    return sums.sum(0)
 
 
 def sequence_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
