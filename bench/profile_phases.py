@@ -4,9 +4,9 @@ Runs forward+backward and the scorer (backend ``fast``) interleaved in this one 
 (so that a busy machine slows both alike), prints the median time and peak-RSS ratios, then
 splits the scorer's last run into phases (the recorded forward, the one ``autograd.grad``,
 each rule by torch function, the per-sample vjp fallback, the pull-back through
-parameter-side computations) with the time and the peak RSS above the run's start of each.
+parameter-side computations) with the CPU time and the peak RSS above the call's start of each.
 
-    PYTHONPATH=handler:bench python bench/profile_fast.py bert-base --method kl --threads 1
+    PYTHONPATH=handler:bench python bench/profile_phases.py bert-base --method kl --threads 1
 
 Peak memory is RSS above the call's start with glibc's mmap threshold at 1 MiB (set here):
 every large tensor is then its own mapping, returned when freed, so RSS follows the live
@@ -42,11 +42,13 @@ def peak_mb(baseline_kb: int) -> float:
     return ((_proc_status_kb("VmHWM") or 0) - baseline_kb) / 1024
 
 
-def timed(run) -> tuple[float, float]:
+def timed(run) -> tuple[float, float, float]:
+    """Wall time, CPU time of this process (with one thread, the one to compare on a machine
+    that other work keeps busy) and peak RSS above the start."""
     base = reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run()
-    return time.perf_counter() - start, peak_mb(base)
+    return time.perf_counter() - start, time.process_time() - cpu, peak_mb(base)
 
 
 class Phases:
@@ -65,12 +67,12 @@ class Phases:
             yield
             return
         self.depth += 1
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             yield
         finally:
             self.depth -= 1
-            self.time[name] += time.perf_counter() - start
+            self.time[name] += time.process_time() - start
             self.calls[name] += 1
             self.peak[name] = max(self.peak[name], peak_mb(self.start_kb))
 
@@ -144,31 +146,36 @@ def main() -> None:
     runs = {"forward": forward, "fwd+bwd": fwd_bwd, "fast": score}
     for run in runs.values():  # warm-up
         run()
-    times, peaks = defaultdict(list), defaultdict(list)
+    times, cpus, peaks = defaultdict(list), defaultdict(list), defaultdict(list)
     for _ in range(args.repeats):
         for name, run in runs.items():
-            t, mem = timed(run)
+            t, cpu, mem = timed(run)
             times[name].append(t)
+            cpus[name].append(cpu)
             peaks[name].append(mem)
-    print(f"{args.model} {args.method} batch {len(x)} threads {args.threads}")
-    bt, bm = statistics.median(times["fwd+bwd"]), statistics.median(peaks["fwd+bwd"])
+    print(f"{args.model} {args.method} batch {len(x)} threads {args.threads}, medians:")
+    med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in
+           (("wall", times), ("cpu", cpus), ("peak", peaks))}  # fmt: skip
     for name in runs:
-        t, mem = statistics.median(times[name]), statistics.median(peaks[name])
         print(
-            f"{name:8} {t * 1e3:9.1f} ms {mem:8.1f} MB   time x{t / bt:.3f}  memory x{mem / bm:.3f}"
+            f"{name:8} wall {med['wall'][name] * 1e3:9.1f} ms "
+            f"x{med['wall'][name] / med['wall']['fwd+bwd']:.3f}   "
+            f"cpu {med['cpu'][name] * 1e3:9.1f} ms x{med['cpu'][name] / med['cpu']['fwd+bwd']:.3f}"
+            f"   peak {med['peak'][name]:8.1f} MB x{med['peak'][name] / med['peak']['fwd+bwd']:.3f}"
         )
 
     phases = Phases()
     undo = instrument(phases)
     try:
         phases.start_kb = reset_peak()
-        start = time.perf_counter()
+        start = time.process_time()
         scorer(x)
-        total = time.perf_counter() - start
+        total = time.process_time() - start
     finally:
         undo()
-    print(f"\none instrumented call: {total * 1e3:.1f} ms, {peak_mb(phases.start_kb):.1f} MB peak")
-    print(f"{'phase':<90} {'calls':>5} {'ms':>9} {'%':>5} {'peak MB':>8}")
+    peak = peak_mb(phases.start_kb)
+    print(f"\none instrumented call: {total * 1e3:.1f} ms CPU time, {peak:.1f} MB peak")
+    print(f"{'phase':<90} {'calls':>5} {'cpu ms':>9} {'%':>5} {'peak MB':>8}")
     for name in sorted(phases.time, key=phases.time.get, reverse=True)[: args.rows]:
         ms = phases.time[name] * 1e3
         print(
