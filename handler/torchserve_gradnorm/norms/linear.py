@@ -28,14 +28,14 @@ def outer_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
     return g.abs().sum(1) * a.abs().sum(1)
 
 
-BLOCK = 1 << 23
-"""Elements of the buffer that per-sample weight gradients are built in (32 MiB in float32):
-a few samples' products (three of a ViT-B or BERT-base MLP layer's), or one sample's in row
-blocks. Each block costs three calls, and with several threads each call is a
-synchronization that a busy machine makes slow (cache-sized blocks were up to 30x slower
-with two threads on a loaded CPU), so blocks are few and large. One buffer, reused by every block
-of a call, is still far from the B x |W| that building the whole batch's products at once
-takes (600 MB for one ViT-B MLP layer at batch 64, in float32)."""
+BLOCK = 1 << 20
+"""Elements of the buffer that per-sample weight gradients are built in (4 MiB in float32):
+a few samples' products, or one sample's in equal row blocks (a ViT-B or BERT-base MLP
+layer's in three). Measured on 2 cores: smaller, L2-sized blocks lose on the number of calls
+(each one a synchronization of the threads, which a busy machine makes slow), bigger ones on
+reading the block back from memory for its norm. One buffer, reused by every block of a
+call, is far from the B x |W| that building the whole batch's products at once takes
+(600 MB for one ViT-B MLP layer at batch 64, in float32)."""
 
 
 def built_product_norm(g: Tensor, a: Tensor, kind: str) -> Tensor:
