@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchserve_gradnorm import BackendUnsupported, GradNormScorer
+from torchserve_gradnorm.backends import BatchDependent
 from torchserve_gradnorm.norms import conv as conv_rule
 from torchserve_gradnorm.norms import linear as linear_rule
 
@@ -119,19 +120,18 @@ def linear_weight_products(monkeypatch):
     """Records how linear.py got each weight norm: the shapes of outer products it took and
     of per-sample weight gradients it built."""
     seen: dict[str, list[tuple[int, ...]]] = {"outer": [], "built": []}
-    outer, norm = linear_rule.outer_product_norm, linear_rule.per_sample_norm
+    outer, built = linear_rule.outer_product_norm, linear_rule.built_product_norm
 
     def spy_outer(g, a, kind):
         seen["outer"].append((g.shape[1], a.shape[1]))
         return outer(g, a, kind)
 
-    def spy_norm(grad, kind):
-        if grad.dim() == 3:
-            seen["built"].append(tuple(grad.shape[1:]))
-        return norm(grad, kind)
+    def spy_built(g, a, kind):
+        seen["built"].append((g.shape[2], a.shape[2]))
+        return built(g, a, kind)
 
     monkeypatch.setattr(linear_rule, "outer_product_norm", spy_outer)
-    monkeypatch.setattr(linear_rule, "per_sample_norm", spy_norm)
+    monkeypatch.setattr(linear_rule, "built_product_norm", spy_built)
     return seen
 
 
@@ -157,6 +157,30 @@ def test_linear_cases_take_the_branch_they_are_named_for(
     else:
         assert 2 * positions**2 > d_in * d_out
         assert (d_out, d_in) in linear_weight_products["built"]
+
+
+@pytest.mark.parametrize("kind", ("sq_l2", "l1"))
+@pytest.mark.parametrize(("d_out", "d_in"), [(7, 4), (4, 7)])
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(4, id="row-blocks-of-one"),
+        pytest.param(12, id="row-blocks-of-three-and-a-remainder"),
+        pytest.param(56, id="two-samples-a-block-and-a-remainder"),
+        pytest.param(1 << 20, id="one-block"),
+    ],
+)
+def test_built_weight_norms_are_the_same_whatever_the_block(block, d_out, d_in, kind, monkeypatch):
+    """Per-sample G^T A (7 x 4 or 4 x 7, cut along its longer side) is built a buffer-sized
+    block at a time; the blocks (rows of one sample, or several samples) cover each sample's
+    product once."""
+    generator = torch.Generator().manual_seed(0)
+    g = torch.randn(5, 7, d_out, generator=generator, dtype=torch.float64)
+    a = torch.randn(5, d_in, 7, generator=generator, dtype=torch.float64).transpose(1, 2)
+    whole = torch.bmm(g.transpose(1, 2), a).flatten(1)
+    want = whole.square().sum(1) if kind == "sq_l2" else whole.abs().sum(1)
+    monkeypatch.setattr(linear_rule, "BLOCK", block)
+    torch.testing.assert_close(linear_rule.built_product_norm(g, a, kind), want, rtol=1e-12, atol=0)
 
 
 # --- convolutions --------------------------------------------------------------------------
@@ -508,11 +532,12 @@ def test_fast_backend_refuses_what_it_cannot_prove_exact_and_auto_falls_back(mak
     model = randomize_(make().double().eval())
     x = inputs(4)
     fast = GradNormScorer(model, method=method, backend="fast")
-    with pytest.raises(BackendUnsupported, match=reason):
+    with pytest.raises(BackendUnsupported, match=reason) as refused:
         fast(x)
     auto = GradNormScorer(model, method=method, backend="auto", per_layer=True)
     got = auto(x)
-    assert auto.backend != "fast"
+    # a batch whose samples branch apart is refused alone; the next batch may not
+    assert (auto.backend == "fast") == isinstance(refused.value, BatchDependent)
     want = GradNormScorer(model, method=method, backend="loop", per_layer=True)(x)
     torch.testing.assert_close(got.grad_norm, want.grad_norm, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(got.logits, want.logits, rtol=RTOL, atol=ATOL)
@@ -542,4 +567,41 @@ def test_multihead_attention_is_scored_through_its_projections_not_the_fallback(
     model = randomize_(TinyTransformer().double().eval())
     for method in METHODS:
         assert_fast_matches_loop(model, TOKENS3, method)
+    assert fallbacks == []
+
+
+class BroadcastOnEitherSide(nn.Module):
+    """Parameters broadcast-added and multiplied with the parameter on either side."""
+
+    def __init__(self, tokens: int = 3, dim: int = 2) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.ones(tokens, 1))
+        self.gain = nn.Parameter(torch.ones(()))
+        self.head = nn.Linear(dim, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.pos + x)
+        h = torch.tanh(torch.add(h, self.shift))
+        h = torch.tanh(self.scale * h) * self.gain
+        return self.head(h.mean(1))
+
+
+def test_broadcast_add_and_mul_are_scored_by_their_rule_with_the_parameter_on_either_side(
+    monkeypatch,
+):
+    from torchserve_gradnorm.backends import fast as fast_backend
+
+    fallbacks = []
+    real = fast_backend.per_sample_vjp
+
+    def spy(call, *rest):
+        fallbacks.append(call.func)
+        return real(call, *rest)
+
+    monkeypatch.setattr(fast_backend, "per_sample_vjp", spy)
+    model = randomize_(BroadcastOnEitherSide().double().eval())
+    for method in METHODS:
+        assert_fast_matches_loop(model, inputs(3, 2), method)
     assert fallbacks == []

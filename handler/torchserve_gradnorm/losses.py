@@ -74,3 +74,11 @@ def per_sample_norm(grad: Tensor, kind: NormKind) -> Tensor:
     if kind == "sq_l2":
         return torch.linalg.vector_norm(flat, ord=2, dim=1).square()
     return torch.linalg.vector_norm(flat, ord=1, dim=1)
+
+
+def scratch_norm(grad: Tensor, kind: NormKind) -> Tensor:
+    """``per_sample_norm`` of a scratch tensor, which it overwrites: on CPU, ``abs_`` and a sum
+    take the L1 norm 1.5-2.5x faster than ``vector_norm``'s L1 kernel."""
+    if kind == "sq_l2":
+        return per_sample_norm(grad, kind)
+    return grad.reshape(grad.shape[0], -1).abs_().sum(1)

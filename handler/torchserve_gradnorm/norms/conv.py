@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import per_sample_norm
+from ..losses import per_sample_norm, scratch_norm
 from .registry import OpCall, Want, register
 
 
@@ -216,7 +216,7 @@ def built_norm(
         a = activation[start * rows : (start + samples) * rows]
         g = grad_output[start * rows : (start + samples) * rows]
         grads = weight_grads(spec, a, g, samples, buffer)
-        norms[start : start + samples] = per_sample_norm(grads, kind)
+        norms[start : start + samples] = scratch_norm(grads, kind)  # grads: this chunk's own
     return norms
 
 

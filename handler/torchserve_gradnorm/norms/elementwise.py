@@ -8,11 +8,43 @@ broadcast along. It has R's size, which is small, and is built.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ..losses import per_sample_norm
-from .registry import OpCall, Want, register
+from .registry import RULES, CheckFn, OpCall, OpRule, RuleFn, Want
+
+
+@dataclass(frozen=True)
+class EitherOperandRule(OpRule):
+    """A binary call whose per-sample operand may be either one (``h + pos``, ``pos + h``);
+    the other is the parameter side."""
+
+    def bind(self, call: OpCall, tracked: set[int]) -> dict[str, Any] | None:
+        for side in ("input", "other"):
+            arguments = OpRule.bind(replace(self, per_sample=frozenset({side})), call, tracked)
+            if arguments is not None:
+                return arguments
+        return None
+
+
+def register_binary(
+    *funcs: Callable, signature: Callable, check: CheckFn | None = None
+) -> Callable[[RuleFn], RuleFn]:
+    def decorate(fn: RuleFn) -> RuleFn:
+        rule = EitherOperandRule(
+            inspect.signature(signature), frozenset(), frozenset(("input", "other")), fn, check
+        )
+        for func in funcs:
+            RULES[func] = rule
+        return fn
+
+    return decorate
 
 
 def sum_to(g: Tensor, shape: torch.Size) -> Tensor:
@@ -44,15 +76,8 @@ def _finish(grads: dict[str, Tensor], want: Want, kind: str) -> dict[str, Tensor
     return {n: g if want[n] == "grad" else per_sample_norm(g, kind) for n, g in grads.items()}
 
 
-@register(
-    torch.add,
-    Tensor.add,
-    Tensor.__add__,
-    Tensor.__radd__,
-    signature=_binary,
-    per_sample=("input", "other"),
-    params=("input", "other"),
-    check=_no_alpha,
+@register_binary(
+    torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, signature=_binary, check=_no_alpha
 )
 def add_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     (g,) = call.grad_outputs
@@ -62,15 +87,7 @@ def add_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
 def _mul(input, other): ...
 
 
-@register(
-    torch.mul,
-    Tensor.mul,
-    Tensor.__mul__,
-    Tensor.__rmul__,
-    signature=_mul,
-    per_sample=("input", "other"),
-    params=("input", "other"),
-)
+@register_binary(torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, signature=_mul)
 def mul_norms(call: OpCall, want: Want, kind: str) -> dict[str, Tensor]:
     (g,) = call.grad_outputs
     grads = {}
