@@ -274,6 +274,15 @@ CONV_CASES = [
     # many output positions (grouped-convolution build) and depthwise kernels
     case(nn.Conv2d(2, 3, 3, padding=1), 2, 17, 16, id="2d-many-positions"),
     case(nn.Conv2d(8, 8, 5, padding=2, groups=8), 8, 6, 6, id="2d-depthwise"),
+    # depthwise over many positions: summed offset by offset (ConvNeXt's 7x7 at 56x56)
+    case(nn.Conv2d(4, 4, 7, padding=3, groups=4), 4, 24, 24, id="2d-depthwise-shifted"),
+    case(
+        nn.Conv2d(3, 3, (3, 5), padding=(0, 1), groups=3, bias=False),
+        3,
+        25,
+        26,
+        id="2d-depthwise-shifted-uneven",
+    ),
 ]
 
 
@@ -315,6 +324,16 @@ def test_conv_rule_builds_in_chunks_of_samples_and_sums_a_samples_rows(
     x = inputs(*((rows, *shape) if rows > 1 else shape))
     body = Rows(layer) if rows > 1 else layer
     assert_fast_matches_loop(classifier(body, x), x, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_depthwise_kernels_over_many_positions_are_built_offset_by_offset(method, monkeypatch):
+    calls = []
+    real = conv_rule.shifted_weight_grad
+    monkeypatch.setattr(conv_rule, "shifted_weight_grad", lambda *a: calls.append(1) or real(*a))
+    x = inputs(4, 24, 24)
+    assert_fast_matches_loop(classifier(nn.Conv2d(4, 4, 7, padding=3, groups=4), x), x, method)
+    assert calls, "the 24x24 depthwise layer should take the offset-by-offset build"
 
 
 # --- normalization layers ------------------------------------------------------------------
