@@ -217,6 +217,51 @@ class Use:
         return grad.movedim(dim, 0)
 
 
+def replay_for(func: Any) -> Any:
+    """The call a rule replays: an in-place call's out-of-place form (rules replay calls and
+    must not modify the recorded input)."""
+    if not _is_in_place(func):
+        return func
+    if func not in IN_PLACE:
+        raise BackendUnsupported(f"in-place {_name(func)} with a parameter operand")
+    return IN_PLACE[func]
+
+
+def new_use(
+    func: Any,
+    replay: Any,
+    recorded: tuple[tuple, dict],
+    physical: dict[int, Tensor],
+    tracked: dict[int, Tensor],
+    produced: list[tuple[int, Tensor]],
+    out_dims: list[int],
+    storages: set[int],
+    input_nodes: list,
+    continue_at: dict[int, list],
+) -> Use:
+    """The use of one call, from its per-sample arguments (``physical``, by the id of the
+    argument they stand for) and its physical outputs (``produced``: position among the
+    output leaves, tensor). Notes, at each output's autograd node, where the graph below it
+    goes on without the parameter side."""
+    outputs, edges, views, watched = [], [], [], []
+    for k, p in produced:
+        outputs.append(k)
+        edge, view = output_edge(p, storages)
+        edges.append(edge)
+        views.append(view)
+        continue_at.setdefault(id(edge.node), []).extend(n for n in input_nodes if n is not None)
+        if view is None and p._is_view():
+            watched.append(p)
+    rec_args, rec_kwargs = recorded
+    use = Use(
+        replay, rec_args, rec_kwargs, {id(p) for p in physical.values()}, tracked,
+        outputs, edges, out_dims, views,
+    )  # fmt: skip
+    checked = [*physical.values()] if replay is func else []
+    use.versions = [(t, t._version) for t in checked + watched]
+    return use
+
+
 class UseRecorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
@@ -365,11 +410,7 @@ class UseRecorder(TorchFunctionMode):
         return values[0]
 
     def _record(self, func, args: tuple, kwargs: dict):
-        replay = func
-        if _is_in_place(func):
-            if func not in IN_PLACE:
-                raise BackendUnsupported(f"in-place {_name(func)} with a parameter operand")
-            replay = IN_PLACE[func]
+        replay = replay_for(func)
         # per-sample arguments, physically (B, ...), detached; an in-place call's target is
         # copied first, since the call overwrites it
         physical: dict[int, Tensor] = {}
@@ -390,41 +431,22 @@ class UseRecorder(TorchFunctionMode):
                 physical[id(v)] = p.clone() if replay is not func else p
             return physical[id(v)]
 
-        rec_args, rec_kwargs = _map_tensors((args, kwargs), laid_out)
+        recorded = _map_tensors((args, kwargs), laid_out)
         storages.update(_storage(t) for t in tracked.values())
         out = self._call(func, args, kwargs)
 
-        outputs, edges, dims, views = [], [], [], []
-        watched: list[Tensor] = []
+        produced, dims = [], []
         for k, o in enumerate([out] if isinstance(out, Tensor) else tree_flatten(out)[0]):
-            if not (isinstance(o, Tensor) and functorch.is_batchedtensor(o)):
-                continue
-            p = functorch.get_unwrapped(o)
-            if p.grad_fn is None:
-                continue
-            outputs.append(k)
-            dims.append(functorch.maybe_get_bdim(o))
-            edge, view = output_edge(p, storages)
-            edges.append(edge)
-            views.append(view)
-            self.continue_at.setdefault(id(edge.node), []).extend(
-                n for n in input_nodes if n is not None
-            )
-            if view is None and p._is_view():
-                watched.append(p)
-        if outputs:
-            use = Use(
-                replay,
-                rec_args,
-                rec_kwargs,
-                {id(p) for p in physical.values()},
-                tracked,
-                outputs,
-                edges,
-                dims,
-                views,
-            )
-            checked = [*physical.values()] if replay is func else []
-            use.versions = [(t, t._version) for t in checked + watched]
-            self.uses.append(use)
+            if isinstance(o, Tensor) and functorch.is_batchedtensor(o):
+                p = functorch.get_unwrapped(o)
+                if p.grad_fn is not None:
+                    produced.append((k, p))
+                    dims.append(functorch.maybe_get_bdim(o))
+        if produced:
+            self.uses.append(
+                new_use(
+                    func, replay, recorded, physical, tracked, produced, dims, storages,
+                    input_nodes, self.continue_at,
+                )
+            )  # fmt: skip
         return out

@@ -33,8 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .base import BackendUnsupported
-from .recording import IN_PLACE, Use, _is_in_place, _name, _storage, output_edge
+from .recording import Use, _is_in_place, _name, _storage, new_use, replay_for
 
 
 class NotRowWise(Exception):
@@ -410,11 +409,7 @@ class RowWiseRecorder(TorchFunctionMode):
                 self.marks[o] = d
 
     def _record(self, func, args: tuple, kwargs: dict, tensors: list[Tensor]):
-        replay = func
-        if _is_in_place(func):
-            if func not in IN_PLACE:
-                raise BackendUnsupported(f"in-place {_name(func)} with a parameter operand")
-            replay = IN_PLACE[func]
+        replay = replay_for(func)
         physical: dict[int, Tensor] = {}
         tracked: dict[int, Tensor] = {}
         storages: set[int] = set()
@@ -432,33 +427,20 @@ class RowWiseRecorder(TorchFunctionMode):
                 p = t.detach().unsqueeze(d).movedim(d + 1, 0)
                 physical[id(t)] = p.clone() if replay is not func else p
         storages.update(_storage(t) for t in tracked.values())
-        rec_args, rec_kwargs = _replace((args, kwargs), physical)
+        recorded = _replace((args, kwargs), physical)
         out = func(*args, **kwargs)
 
-        outputs, edges, views = [], [], []
-        watched: list[Tensor] = []
         leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
-        for k, o in enumerate(leaves):
-            if not isinstance(o, Tensor) or o.grad_fn is None:
-                continue
-            outputs.append(k)
-            edge, view = output_edge(o, storages)
-            edges.append(edge)
-            views.append(view)
-            self.continue_at.setdefault(id(edge.node), []).extend(
-                n for n in input_nodes if n is not None
-            )
-            if view is None and o._is_view():
-                watched.append(o)
-        if not outputs:
+        produced = [
+            (k, o) for k, o in enumerate(leaves) if isinstance(o, Tensor) and o.grad_fn is not None
+        ]
+        if not produced:
             return out, None
         # the outputs' samples' dimension (out_dims) is the rule's answer, set by the caller
-        use = Use(
-            replay, rec_args, rec_kwargs, {id(p) for p in physical.values()}, tracked,
-            outputs, edges, [], views,
+        use = new_use(
+            func, replay, recorded, physical, tracked, produced, [], storages, input_nodes,
+            self.continue_at,
         )  # fmt: skip
-        checked = [*physical.values()] if replay is func else []
-        use.versions = [(t, t._version) for t in checked + watched]
         use.whole_batch = True
         return out, use
 
