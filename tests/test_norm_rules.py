@@ -568,21 +568,27 @@ def test_fast_backend_refuses_embedding_max_norm_which_rewrites_the_weight_durin
         GradNormScorer(model, backend="fast")(TOKENS3)
 
 
-def test_multihead_attention_is_scored_through_its_projections_not_the_fallback(monkeypatch):
-    """nn.MultiheadAttention without masks is replayed as its packed in-projection, attention
-    and out-projection, so its weights get the linear rule's norms, not a per-sample vjp."""
+@pytest.fixture
+def fallbacks(monkeypatch) -> list:
+    """The torch functions the fast backend sends to its per-sample vjp fallback."""
     from torchserve_gradnorm.backends import fast as fast_backend
 
-    from models import TinyTransformer
-
-    fallbacks = []
+    seen = []
     real = fast_backend.per_sample_vjp
 
     def spy(call, *rest):
-        fallbacks.append(call.func)
+        seen.append(call.func)
         return real(call, *rest)
 
     monkeypatch.setattr(fast_backend, "per_sample_vjp", spy)
+    return seen
+
+
+def test_multihead_attention_is_scored_through_its_projections_not_the_fallback(fallbacks):
+    """nn.MultiheadAttention without masks is replayed as its packed in-projection, attention
+    and out-projection, so its weights get the linear rule's norms, not a per-sample vjp."""
+    from models import TinyTransformer
+
     model = randomize_(TinyTransformer().double().eval())
     for method in METHODS:
         assert_fast_matches_loop(model, TOKENS3, method)
@@ -608,18 +614,8 @@ class BroadcastOnEitherSide(nn.Module):
 
 
 def test_broadcast_add_and_mul_are_scored_by_their_rule_with_the_parameter_on_either_side(
-    monkeypatch,
+    fallbacks,
 ):
-    from torchserve_gradnorm.backends import fast as fast_backend
-
-    fallbacks = []
-    real = fast_backend.per_sample_vjp
-
-    def spy(call, *rest):
-        fallbacks.append(call.func)
-        return real(call, *rest)
-
-    monkeypatch.setattr(fast_backend, "per_sample_vjp", spy)
     model = randomize_(BroadcastOnEitherSide().double().eval())
     for method in METHODS:
         assert_fast_matches_loop(model, inputs(3, 2), method)
