@@ -1,7 +1,7 @@
 """The penultimate activations (the input of the model's last nn.Linear), kept from the
 scoring forward when asked: the same numbers as a plain forward's, on every backend and both
-of the fast backend's recorders, without changing the norms; nothing kept, and no hook left
-on the model, otherwise."""
+of the fast backend's recorders and on the zoo, without changing the norms; nothing kept, and
+no hook left on the model, otherwise."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from hypothesis import given
 from test_backends_agree import ATOL, RTOL, SETTINGS, Case, cnn_cases, mlp_cases
+from test_zoo_exact import randomized
 from torch import nn
+from zoo_models import ZOO
 
 from torchserve_gradnorm import GradNormScorer
 from torchserve_gradnorm.filters import head_module
@@ -115,3 +117,16 @@ def test_a_model_without_a_linear_layer_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten())
     with pytest.raises(ValueError, match="penultimate activations: the model has no nn.Linear"):
         GradNormScorer(model, penultimate=True)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_the_zoo_hands_over_its_head_input_on_fast(name):
+    model, x = ZOO[name]()
+    model = randomized(model)
+    x = x.double() if x.is_floating_point() else x
+    s = GradNormScorer(model, penultimate=True)
+    result = s(x)
+    assert s.backend == "fast"
+    torch.testing.assert_close(
+        result.penultimate, plain_head_input(model, x), rtol=RTOL, atol=ATOL, msg=name
+    )
