@@ -671,7 +671,9 @@ def test_calibrate_into_an_archive_writes_a_file_only_when_out_is_given(demo, tm
 
 
 @pytest.mark.slow
-def test_calibrate_a_torchscript_archive_with_the_head_filter(demo, tmp_path):
+def test_a_torchscript_archive_calibrates_with_the_head_filter_but_not_on_activations(
+    demo, tmp_path
+):
     scripted = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(load_demo_model()), scripted)
     config = demo_config()
@@ -684,3 +686,18 @@ def test_calibrate_a_torchscript_archive_with_the_head_filter(demo, tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert Calibration.load(tmp_path / "cal.json").n_id == 270
+    # the penultimate activations need module hooks, which TorchScript lacks: the detector
+    # that reads them is refused by name, and gradnorm-eval leaves its row out
+    refused = run(
+        BIN / "gradnorm-calibrate", archive, "--id", demo / "data/id_val",
+        "--detector", "penultimate_mahalanobis", "--out", tmp_path / "refused.json",
+    )  # fmt: skip
+    assert refused.returncode != 0 and "TorchScript" in refused.stderr
+    evaluated = run(
+        BIN / "gradnorm-eval", archive, "--id", demo / "data/id_test",
+        "--ood", demo / "data/ood_test/noise", "--fit-id", demo / "data/id_val",
+        "--json", tmp_path / "eval.json",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    detectors = {r["detector"] for r in json.loads((tmp_path / "eval.json").read_text())["rows"]}
+    assert "predicted_mahalanobis" in detectors and "penultimate_mahalanobis" not in detectors
