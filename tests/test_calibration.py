@@ -36,6 +36,7 @@ from torchserve_gradnorm.detectors import (
     MahalanobisDetector,
     MLPDetector,
     MSPDetector,
+    PenultimateMahalanobisDetector,
     PredictedMahalanobisDetector,
     SumDetector,
 )
@@ -51,7 +52,8 @@ def gaussian_features(n: int, shift: float, seed: int, layers: int = 6) -> Featu
     rng = np.random.default_rng(seed)
     log_norms = rng.normal(size=(n, layers)) + shift
     logits = rng.normal(size=(n, 3)) * 2 + shift
-    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits)
+    penultimate = rng.normal(size=(n, 5)) + shift
+    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits, penultimate)
 
 
 def two_class_features(centers: list[float], n: int, seed: int) -> Features:
@@ -60,7 +62,7 @@ def two_class_features(centers: list[float], n: int, seed: int) -> Features:
     classes = np.arange(n) % len(centers)
     log_norms = np.asarray(centers)[classes, None] + rng.normal(scale=0.2, size=(n, 4))
     logits = np.eye(len(centers))[classes] * 5 + rng.normal(scale=0.1, size=(n, len(centers)))
-    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits)
+    return Features(np.exp(log_norms), -np.exp(log_norms).sum(1), logits, log_norms.copy())
 
 
 class TestDetectors:
@@ -141,6 +143,34 @@ class TestDetectors:
         probe = two_class_features([8.0, 8.0, 8.0], 10, 1)
         np.testing.assert_allclose(restored.score(probe), detector.score(probe))
         assert np.isfinite(detector.score(probe)).all()
+
+    def test_penultimate_mahalanobis_fits_one_gaussian_per_class_on_the_penultimate_activations(
+        self,
+    ):
+        # the same two classes seen through the penultimate activations alone: a sample
+        # halfway between them is flagged whatever its gradient norms say
+        id_fit = two_class_features([0.0, 4.0], 400, 0)
+        id_test = two_class_features([0.0, 4.0], 200, 1)
+        between = two_class_features([2.0, 2.0], 50, 2)
+        between.per_layer = id_test.per_layer[:50]  # typical ID gradients
+        detector = PenultimateMahalanobisDetector()
+        detector.fit(id_fit)
+        assert np.median(detector.score(between)) > np.percentile(detector.score(id_test), 99)
+        z = id_test.penultimate[:1] - detector.means[0]
+        np.testing.assert_allclose(
+            detector.score(id_test)[:1], np.sqrt(z @ detector.precision @ z.T)[0]
+        )
+
+    def test_penultimate_mahalanobis_needs_the_penultimate_activations(self):
+        features = gaussian_features(20, 0.0, 0)
+        features.penultimate = None
+        with pytest.raises(ValueError, match="reads the penultimate activations"):
+            PenultimateMahalanobisDetector().fit(features)
+        assert PenultimateMahalanobisDetector.needs_penultimate
+        assert not PenultimateMahalanobisDetector.needs_per_layer
+        assert not any(
+            d.needs_penultimate for d in DETECTORS.values() if d.name != "penultimate_mahalanobis"
+        )
 
     def test_predicted_mahalanobis_flags_an_answer_whose_gradients_belong_to_another_class(self):
         # answered "class 0" with the gradients of a typical class-1 sample: the closest class
@@ -294,7 +324,9 @@ def service_calibration(
 ) -> Calibration:
     service = GradNormService(model, config)
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-    result = service.scorer.__class__(model, per_layer=True)(x)
+    result = service.scorer.__class__(
+        model, per_layer=True, penultimate=detector.needs_penultimate
+    )(x)
     features = Features.from_result(result)
     return calibrate(
         detector(), features, None, tpr=0.9, config=config,
@@ -332,6 +364,37 @@ class TestServedCalibration:
         expected = cal.build_detector().score(features)[0]
         assert reply.body["ood"]["detector"] == detector.name
         assert reply.body["ood"]["score"] == pytest.approx(expected, rel=1e-5)
+
+    def test_a_penultimate_detector_is_served_from_the_scoring_forward(self):
+        torch.manual_seed(0)
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64, detector=PenultimateMahalanobisDetector)
+        service = GradNormService(model, CONFIG, calibration=cal, weights_sha256="w" * 64)
+        assert service.scorer.penultimate and not service.scorer.per_layer
+        x = [0.1, 0.2, 0.3, 0.4]
+        reply = service.handle([{"body": json.dumps({"data": x}).encode()}])[0]
+        with torch.no_grad():
+            hidden = torch.tanh(model.b(torch.tanh(model.a(torch.tensor([x])))))
+        features = Features(np.zeros((1, 0)), np.zeros(1), None, hidden.double().numpy())
+        assert reply.body["ood"]["detector"] == "penultimate_mahalanobis"
+        assert reply.body["ood"]["score"] == pytest.approx(
+            cal.build_detector().score(features)[0], rel=1e-5
+        )
+
+    @pytest.mark.parametrize("detector", [None, MahalanobisDetector, EnergyDetector])
+    def test_other_detectors_do_not_keep_the_penultimate_activations(self, detector):
+        model = SixParams()
+        cal = None if detector is None else service_calibration(model, "w" * 64, detector=detector)
+        service = GradNormService(model, CONFIG, calibration=cal, weights_sha256="w" * 64)
+        assert not service.scorer.penultimate
+        assert not any(m._forward_pre_hooks for m in model.modules())
+
+    def test_a_penultimate_detector_on_a_torchscript_model_is_refused_at_load(self):
+        model = SixParams()
+        cal = service_calibration(model, "w" * 64, detector=PenultimateMahalanobisDetector)
+        scripted = torch.jit.script(model)
+        with pytest.raises(ConfigError, match="^handler.calibration: .*TorchScript"):
+            GradNormService(scripted, CONFIG, calibration=cal, weights_sha256="w" * 64)
 
     def test_a_fingerprint_mismatch_is_refused_at_load(self):
         model = SixParams()
@@ -475,7 +538,8 @@ def test_eval_reports_flagged_shares_and_metrics_per_detector_and_set(demo, tmp_
     }  # fmt: skip
     seen = {(r["detector"], r["set"]) for r in rows}
     for detector in ("msp", "energy", "sum", "mahalanobis", "mahalanobis, ID only",
-                     "class_mahalanobis", "predicted_mahalanobis", "mlp"):  # fmt: skip
+                     "class_mahalanobis", "predicted_mahalanobis", "penultimate_mahalanobis",
+                     "mlp"):  # fmt: skip
         assert {(detector, s) for s in kinds} <= seen
     assert {("mlp (kind unseen)", "noise"), ("mlp (kind unseen)", "letters")} <= seen
     for r in rows:
@@ -607,7 +671,9 @@ def test_calibrate_into_an_archive_writes_a_file_only_when_out_is_given(demo, tm
 
 
 @pytest.mark.slow
-def test_calibrate_a_torchscript_archive_with_the_head_filter(demo, tmp_path):
+def test_a_torchscript_archive_calibrates_with_the_head_filter_but_not_on_activations(
+    demo, tmp_path
+):
     scripted = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(load_demo_model()), scripted)
     config = demo_config()
@@ -620,3 +686,18 @@ def test_calibrate_a_torchscript_archive_with_the_head_filter(demo, tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert Calibration.load(tmp_path / "cal.json").n_id == 270
+    # the penultimate activations need module hooks, which TorchScript lacks: the detector
+    # that reads them is refused by name, and gradnorm-eval leaves its row out
+    refused = run(
+        BIN / "gradnorm-calibrate", archive, "--id", demo / "data/id_val",
+        "--detector", "penultimate_mahalanobis", "--out", tmp_path / "refused.json",
+    )  # fmt: skip
+    assert refused.returncode != 0 and "TorchScript" in refused.stderr
+    evaluated = run(
+        BIN / "gradnorm-eval", archive, "--id", demo / "data/id_test",
+        "--ood", demo / "data/ood_test/noise", "--fit-id", demo / "data/id_val",
+        "--json", tmp_path / "eval.json",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    detectors = {r["detector"] for r in json.loads((tmp_path / "eval.json").read_text())["rows"]}
+    assert "predicted_mahalanobis" in detectors and "penultimate_mahalanobis" not in detectors

@@ -81,8 +81,9 @@ def _is_linear(module: nn.Module, linear_names: set[str]) -> bool:
     return isinstance(module, nn.Linear) or getattr(module, "original_name", None) in linear_names
 
 
-def head_parameter_names(model: nn.Module) -> list[str]:
-    """The parameters of the last nn.Linear in ``named_modules()`` order.
+def head_module(model: nn.Module, purpose: str = "param_filter='head'") -> tuple[str, nn.Module]:
+    """The last nn.Linear in ``named_modules()`` order, with its name: the layer that
+    produces the logits in the usual classifier layout.
 
     Works on TorchScript modules too (scripted or traced, saved and loaded): they keep the
     module tree and each module's original class name, but not ``get_submodule``.
@@ -93,8 +94,13 @@ def head_parameter_names(model: nn.Module) -> list[str]:
         if _is_linear(module, linear_names):
             last = (module_name, module)
     if last is None:
-        raise ValueError("param_filter='head': the model has no nn.Linear layer")
-    module_name, module = last
+        raise ValueError(f"{purpose}: the model has no nn.Linear layer")
+    return last
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """The parameters of the last nn.Linear in ``named_modules()`` order (``head_module``)."""
+    module_name, module = head_module(model)
     prefix = f"{module_name}." if module_name else ""
     return [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
 

@@ -18,6 +18,7 @@ from .backends import (
     BackendUnsupported,
     BatchDependent,
 )
+from .backends.capture import HeadInputs
 from .filters import ParamFilter, select_parameters
 from .losses import get_method
 from .outputs import (
@@ -49,6 +50,9 @@ class ScoreResult:
     """(B,) oriented score, higher = more out-of-distribution."""
     per_layer: dict[str, Tensor] | None = None
     """{parameter name: (B,) contribution}, when asked for."""
+    penultimate: Tensor | None = None
+    """(B, D) input of the model's last ``nn.Linear`` in the scoring forward (the penultimate
+    activations, flattened per sample), when asked for."""
 
 
 @contextmanager
@@ -91,6 +95,7 @@ class GradNormScorer:
         per_layer: bool = False,
         direction: str = "low_norm_is_ood",
         output: OutputKey = None,
+        penultimate: bool = False,
     ) -> None:
         self.method = get_method(method)
         self.output = check_output_key(output)
@@ -125,6 +130,13 @@ class GradNormScorer:
         self.requested_backend = backend
         self._candidates = self._build_candidates(backend)
         self._batch_dependent_run = 0
+        # kept from the scoring forward only when asked for: a hook costs every forward
+        self.penultimate = bool(penultimate)
+        if self.penultimate:
+            head = HeadInputs(model)
+            for candidate in self._candidates:
+                candidate.head_inputs = head
+        self._features: list[Tensor] = []
 
     @property
     def backend(self) -> str:
@@ -161,7 +173,9 @@ class GradNormScorer:
         # scoring needs autograd, and inference tensors cannot be saved for backward.
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model):
             x = map_batch(x, ready)
+            self._features = []
             logits, norms = self._score_in_chunks(x)
+            features, self._features = self._features, []
         grad_norm = torch.stack(list(norms.values())).sum(0)
         ood = -grad_norm if self.direction == "low_norm_is_ood" else grad_norm.clone()
         return ScoreResult(
@@ -169,6 +183,7 @@ class GradNormScorer:
             grad_norm=grad_norm,
             ood_score=ood,
             per_layer=norms if self.per_layer else None,
+            penultimate=torch.cat(features) if self.penultimate else None,
         )
 
     def _score_in_chunks(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -211,6 +226,8 @@ class GradNormScorer:
                     continue
             try:
                 result = backend(x)
+                if self.penultimate:
+                    self._features.append(backend.penultimate)
             except Exception as e:
                 # no other backend finds logits the model does not return
                 if self.requested_backend != "auto" or _is_oom(e) or isinstance(e, OutputError):

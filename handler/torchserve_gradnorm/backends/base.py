@@ -37,6 +37,10 @@ class Backend(ABC):
     name: str = ""
     runs_each_sample_alone: bool = False
     """Each sample gets its own forward: branches that differ between samples are fine."""
+    head_inputs = None
+    """A ``capture.HeadInputs`` when the scorer wants the penultimate activations."""
+    penultimate: Tensor | None = None
+    """(B, D) penultimate activations of the last call's forward, with ``head_inputs``."""
 
     def __init__(
         self,

@@ -43,6 +43,7 @@ from ..losses import per_sample_norm
 from ..norms import OpCall, per_sample_vjp, rule_for
 from ..outputs import Batch, batch_size, call_model, first_input, logits_of, map_batch
 from .base import Backend, BackendUnsupported, is_torchscript, requires_grad_only
+from .capture import rows_of, watching
 from .recording import Use, UseRecorder
 from .rowwise import NotRowWise, RowWiseRecorder, model_constants
 from .streaming import stream_output_grads
@@ -143,34 +144,45 @@ class FastBackend(Backend):
     def _rowwise_forward(self, x: Batch) -> tuple[Tensor, RowWiseRecorder]:
         recorder = RowWiseRecorder(batch_size(x), model_constants(self.model))
         map_batch(x, recorder.mark_input)
-        with recorder:
+        head = self.head_inputs
+        with watching(head), recorder:
             out = call_model(self.model, x)
+            features = None if head is None else head.take()
         if recorder.stopped:  # the model caught the stop and went on
             raise NotRowWise(recorder.stopped)
         logits = logits_of(out, self.output)
         if logits.dim() == 0 or recorder.marks.get(logits) != 0:
             raise NotRowWise("the logits are not the samples' rows")
+        if features is not None:
+            dim = recorder.marks.get(features)
+            if dim is None or dim < 0:
+                raise NotRowWise("the last linear layer's input is not the samples' rows")
+            self.penultimate = rows_of(features.movedim(dim, 0), batch_size(x))
         return logits, recorder
 
     def _forward(self, x: Batch) -> tuple[Tensor, UseRecorder]:
         recorder = UseRecorder()
-        model, output = self.model, self.output
+        model, output, head = self.model, self.output, self.head_inputs
 
-        def one_sample(xi: Batch) -> Tensor:
+        def one_sample(xi: Batch) -> tuple[Tensor, ...]:
             recorder.level = functorch.maybe_get_level(first_input(xi))
             with recorder:
                 out = call_model(model, map_batch(xi, lambda v: v.unsqueeze(0)))
             out = logits_of(out, output)
             if out.dim() == 0 or out.shape[0] != 1:
                 raise BackendUnsupported("the model does not return (B, C) logits")
-            return out.squeeze(0)
+            # the head's input leaves vmap beside the logits
+            features = () if head is None else (rows_of(head.take(), 1).squeeze(0),)
+            return (out.squeeze(0), *features)
 
         try:
-            logits = torch.func.vmap(one_sample)(x)
+            with watching(head):
+                logits, *features = torch.func.vmap(one_sample)(x)
         except RuntimeError as e:
             if not _is_vmap_limit(e):
                 raise
             raise BackendUnsupported(f"the per-sample forward failed: {e}") from e
+        self.penultimate = features[0] if features else None
         return logits, recorder
 
     def _norms(

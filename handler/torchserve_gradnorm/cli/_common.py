@@ -12,10 +12,14 @@ from ..scorer import GradNormScorer
 from ..service import float_dtype
 
 
-def feature_scorer(archive: Archive) -> tuple[GradNormScorer, RequestDecoder]:
-    """The served scorer and decoder of an archive, with per-layer norms switched on."""
+def feature_scorer(
+    archive: Archive, penultimate: bool = False
+) -> tuple[GradNormScorer, RequestDecoder]:
+    """The served scorer and decoder of an archive, with per-layer norms switched on (and
+    the penultimate activations kept, with ``penultimate``)."""
     kwargs = archive.config.scorer_kwargs()
     kwargs["per_layer"] = True
+    kwargs["penultimate"] = penultimate
     scorer = GradNormScorer(archive.model, **kwargs)
     text = text_encoder_for(archive.root, archive.model, archive.config)
     decoder = RequestDecoder(

@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     if detector.needs_ood and not args.ood:
         raise SystemExit("gradnorm-calibrate: the mlp detector is trained on labelled OOD: --ood")
     with open_archive(args.archive) as archive:
-        scorer, decoder = feature_scorer(archive)
+        try:
+            scorer, decoder = feature_scorer(archive, penultimate=detector.needs_penultimate)
+        except ValueError as e:
+            raise SystemExit(f"gradnorm-calibrate: {e}") from None
         scored_id = score_folders(scorer, decoder, [args.id_dir], args.batch_size)
         id_features = next(iter(scored_id.values())).features
         n_augmented = 0

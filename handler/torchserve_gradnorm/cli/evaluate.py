@@ -15,6 +15,8 @@ Detectors: ``msp`` (Hendrycks & Gimpel 2017) and ``energy`` (Liu et al. 2020), t
 baselines; ``sum`` (the engine's score); ``mahalanobis``, ``class_mahalanobis`` and
 ``predicted_mahalanobis`` (fitted on --fit-id, plus COPIES augmented copies of each picture
 with --fit-augment, in which case ``mahalanobis, ID only`` is also fitted without them);
+``penultimate_mahalanobis`` (Lee et al. 2018 on the input of the model's last linear layer,
+fitted the same way; not for TorchScript models, which take no module hooks);
 ``mlp`` (trained on --fit-id and --fit-ood); ``mlp (kind unseen)`` (when a --fit-ood folder
 has the name of the evaluated OOD set: an mlp trained on the other kinds only, the honest
 number for OOD nobody labelled); and ``shipped (...)``, the archive's own calibration with
@@ -44,6 +46,7 @@ from ..detectors import (
     MahalanobisDetector,
     MLPDetector,
     MSPDetector,
+    PenultimateMahalanobisDetector,
     PredictedMahalanobisDetector,
     SumDetector,
 )
@@ -183,7 +186,13 @@ def markdown(rows: list[dict], n_id: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with open_archive(args.archive) as archive:
-        scorer, decoder = feature_scorer(archive)
+        try:
+            scorer, decoder = feature_scorer(archive, penultimate=True)
+            penultimate = True
+        except ValueError as e:  # a TorchScript model: no penultimate_mahalanobis row
+            print(f"no penultimate activations: {e}", file=sys.stderr)
+            scorer, decoder = feature_scorer(archive)
+            penultimate = False
 
         def score(folders: list[str], kind: str) -> dict[str, tuple[str, Scored]]:
             return {
@@ -225,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             candidates["mahalanobis"] = fitted(MahalanobisDetector(), fit, plain, tpr)
             for detector in (ClassMahalanobisDetector(), PredictedMahalanobisDetector()):
+                candidates[detector.name] = fitted(detector, fit, plain, tpr)
+            if penultimate:
+                detector = PenultimateMahalanobisDetector()
                 candidates[detector.name] = fitted(detector, fit, plain, tpr)
             if args.fit_ood:
                 fit_ood = score_folders(scorer, decoder, args.fit_ood, args.batch_size)

@@ -4,8 +4,9 @@ calibration time.
 Every detector maps a batch's features to a score where higher means more OOD. Fitted
 parameters are plain numbers and arrays (stored in the calibration JSON), never pickled
 code. ``msp``, ``energy`` and ``sum`` need no fitting; ``mahalanobis``,
-``class_mahalanobis`` and ``predicted_mahalanobis`` are fitted on ID data only; ``mlp`` also
-needs labelled OOD data.
+``class_mahalanobis``, ``predicted_mahalanobis`` and ``penultimate_mahalanobis`` (on the
+penultimate activations instead of gradients) are fitted on ID data only; ``mlp`` also needs
+labelled OOD data.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .energy import EnergyDetector
 from .mahalanobis import MahalanobisDetector
 from .mlp import MLPDetector
 from .msp import MSPDetector
+from .penultimate_mahalanobis import PenultimateMahalanobisDetector
 from .predicted_mahalanobis import PredictedMahalanobisDetector
 from .sum import SumDetector
 
@@ -28,6 +30,7 @@ DETECTORS: dict[str, type[Detector]] = {
         MahalanobisDetector,
         ClassMahalanobisDetector,
         PredictedMahalanobisDetector,
+        PenultimateMahalanobisDetector,
         MLPDetector,
     )
 }
@@ -51,6 +54,7 @@ __all__ = [
     "MLPDetector",
     "MSPDetector",
     "MahalanobisDetector",
+    "PenultimateMahalanobisDetector",
     "PredictedMahalanobisDetector",
     "SumDetector",
     "get_detector",

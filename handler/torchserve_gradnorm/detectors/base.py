@@ -19,6 +19,9 @@ class Features:
     """(N,) the engine's oriented scalar score."""
     logits: np.ndarray | None = None
     """(N, C) logits of the scoring forward pass (detectors that read them need them)."""
+    penultimate: np.ndarray | None = None
+    """(N, D) input of the model's last linear layer in the scoring forward (scored with
+    ``penultimate=True``; detectors with ``needs_penultimate`` read it)."""
 
     def __len__(self) -> int:
         return len(self.ood_score)
@@ -32,25 +35,38 @@ class Features:
             per_layer = per_layer.double().cpu().numpy()
         else:
             per_layer = np.zeros((len(logits), 0))
+        penultimate = getattr(result, "penultimate", None)
         return cls(
             per_layer,
             result.ood_score.detach().double().cpu().numpy(),
             logits,
+            None if penultimate is None else penultimate.detach().double().cpu().numpy(),
         )
 
     @classmethod
     def concat(cls, parts: list[Features]) -> Features:
-        logits = [p.logits for p in parts]
+        def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
         return cls(
             np.concatenate([p.per_layer for p in parts]),
             np.concatenate([p.ood_score for p in parts]),
-            None if any(x is None for x in logits) else np.concatenate(logits),
+            joined([p.logits for p in parts]),
+            joined([p.penultimate for p in parts]),
         )
 
     def require_logits(self, detector: str) -> np.ndarray:
         if self.logits is None:
             raise ValueError(f"the {detector} detector reads the logits; these features lack them")
         return np.asarray(self.logits, dtype=np.float64)
+
+    def require_penultimate(self, detector: str) -> np.ndarray:
+        if self.penultimate is None:
+            raise ValueError(
+                f"the {detector} detector reads the penultimate activations; these features "
+                "lack them (score with penultimate=True)"
+            )
+        return np.asarray(self.penultimate, dtype=np.float64)
 
 
 def log_features(per_layer: np.ndarray) -> np.ndarray:
@@ -75,6 +91,8 @@ class Detector:
     name: ClassVar[str]
     needs_ood: ClassVar[bool] = False
     needs_per_layer: ClassVar[bool] = True
+    needs_penultimate: ClassVar[bool] = False
+    """Reads ``Features.penultimate``: the scorer keeps the last linear layer's input."""
 
     def fit(self, id_features: Features, ood_features: Features | None = None) -> None:
         """Learn from ID features (and OOD features for supervised detectors)."""

@@ -51,8 +51,12 @@ class ClassMahalanobisDetector(Detector):
         self.means = means
         self.precision = precision
 
+    def vectors(self, features: Features) -> np.ndarray:
+        """The per-sample vectors the Gaussians are fitted to."""
+        return joint_features(features, self.name)
+
     def fit(self, id_features: Features, ood_features: Features | None = None) -> None:
-        z = joint_features(id_features, self.name)
+        z = self.vectors(id_features)
         predicted = id_features.require_logits(self.name).argmax(1)
         classes = np.unique(predicted)
         if len(z) < len(classes) + 1:
@@ -63,7 +67,7 @@ class ClassMahalanobisDetector(Detector):
         self.precision = shrunk_precision(z - self.means[predicted])
 
     def score(self, features: Features) -> np.ndarray:
-        z = joint_features(features, self.name)
+        z = self.vectors(features)
         means = self.means[~np.isnan(self.means).any(1)]  # classes never predicted at fit time
         d = z[:, None, :] - means[None]
         squared = np.einsum("nci,ij,ncj->nc", d, self.precision, d)

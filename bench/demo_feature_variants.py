@@ -1,0 +1,141 @@
+"""Side experiments on the demo (not in ``make eval``): detectors on the penultimate
+activations, alone and beside the gradient and logit features, fitted on ID data only.
+
+Scores every demo set once with the archive's scorer (per-layer norms and penultimate
+activations from the same forward), then fits each variant on the validation digits (with
+their augmented copies unless the name says ``plain``), sets its threshold at 95 % TPR on the
+validation digits and prints the flagged share of every set and the AUROC of the OOD sets
+against the held-out digits, as ``gradnorm-eval`` computes them. The variants are fixed here
+in advance: none is chosen by its result on the OOD test sets.
+
+    make archive   # or the same commands by hand, into other folders
+    OMP_NUM_THREADS=1 PYTHONPATH=handler python bench/demo_feature_variants.py \\
+        model_store/digits.mar build/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from torchserve_gradnorm.cli._common import feature_scorer, score_augmented, score_folders
+from torchserve_gradnorm.detectors import (
+    EnergyDetector,
+    Features,
+    PenultimateMahalanobisDetector,
+    PredictedMahalanobisDetector,
+)
+from torchserve_gradnorm.detectors.base import log_features, log_sum_exp, shrunk_precision
+from torchserve_gradnorm.evaluation import ood_metrics
+from torchserve_gradnorm.mar import open_archive
+
+SHIFTS = "bilinear bicubic lanczos jpeg rotate translate thick thin contrast brightness".split()
+OOD = "letters noise photos inverted rotated".split()
+Score = Callable[[Features], np.ndarray]
+
+
+def confidence(f: Features) -> np.ndarray:
+    return np.c_[f.logits.max(1), log_sum_exp(f.logits)]
+
+
+def predicted_gaussians(vectors: Callable[[Features], np.ndarray], shared: int, fit: Features):
+    """predicted_mahalanobis's recipe on other vectors: per-class means, except the last
+    ``shared`` columns (one mean for all classes), distance to the answered class."""
+    z, answered = vectors(fit), fit.logits.argmax(1)
+    means = np.stack([z[answered == c].mean(0) for c in range(fit.logits.shape[1])])
+    if shared:
+        means[:, -shared:] = z[:, -shared:].mean(0)
+    precision = shrunk_precision(z - means[answered])
+
+    def score(f: Features) -> np.ndarray:
+        d = vectors(f) - means[f.logits.argmax(1)]
+        return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", d, precision, d), 0.0))
+
+    return score
+
+
+def vim(fit: Features, principal: int) -> tuple[Score, Callable[[np.ndarray], np.ndarray]]:
+    """ViM (Wang et al., CVPR 2022): the norm of the penultimate activations outside their
+    principal subspace (origin at the head's -W^+ b; W and b recovered from the logits by
+    least squares, as the features hold no weights), scaled by the ID mean max logit over the
+    ID mean residual, minus the log-sum-exp of the logits."""
+    h = fit.penultimate
+    coef, *_ = np.linalg.lstsq(np.c_[h, np.ones(len(h))], fit.logits, rcond=None)
+    origin = -np.linalg.pinv(coef[:-1].T) @ coef[-1]
+    _, _, vt = np.linalg.svd(np.cov(h - origin, rowvar=False))
+    null = vt[principal:].T
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        return np.linalg.norm((p - origin) @ null, axis=1)
+
+    alpha = fit.logits.max(1).mean() / residual(h).mean()
+    return lambda f: alpha * residual(f.penultimate) - log_sum_exp(f.logits), residual
+
+
+def fitted(detector, fit: Features) -> Score:
+    detector.fit(fit)
+    return detector.score
+
+
+def variants(plain: Features, fit: Features) -> dict[str, Score]:
+    grads = lambda f: log_features(f.per_layer)  # noqa: E731
+    half = plain.penultimate.shape[1] // 2
+    vim_score, residual = vim(fit, half)
+    return {
+        "energy": EnergyDetector().score,
+        "predicted_mahalanobis": fitted(PredictedMahalanobisDetector(), fit),
+        "penultimate_mahalanobis": fitted(PenultimateMahalanobisDetector(), fit),
+        "penultimate_mahalanobis, plain": fitted(PenultimateMahalanobisDetector(), plain),
+        "predicted, + activations": predicted_gaussians(
+            lambda f: np.c_[f.penultimate, grads(f), confidence(f)], 2, fit
+        ),
+        "predicted, + log activation norm": predicted_gaussians(
+            lambda f: np.c_[grads(f), confidence(f), np.log(np.linalg.norm(f.penultimate, axis=1))],
+            3,
+            fit,
+        ),
+        "predicted, + log ViM residual": predicted_gaussians(
+            lambda f: np.c_[grads(f), confidence(f), np.log(residual(f.penultimate))], 3, fit
+        ),
+        f"ViM (principal {half})": vim_score,
+        f"ViM (principal {half}), plain": vim(plain, half)[0],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("archive")
+    p.add_argument("demo", type=Path, help="the folder samples/make_demo_data.py wrote")
+    p.add_argument("--augment", type=int, default=8)
+    args = p.parse_args()
+    d = args.demo
+    with open_archive(args.archive) as archive:
+        scorer, decoder = feature_scorer(archive, penultimate=True)
+        folders = [d / "id_val", d / "id_test", *(d / "shift_test" / s for s in SHIFTS)]
+        folders += [d / "ood_test" / s for s in OOD]
+        sets = {n: s.features for n, s in score_folders(scorer, decoder, folders, 64).items()}
+        augmented = score_augmented(scorer, decoder, d / "id_val", args.augment, 64).features
+    plain = sets.pop("id_val")
+    fit = Features.concat([plain, augmented])
+    names = ["id_test", *SHIFTS, *OOD]
+    print("flagged % at 95 % TPR on id_val | AUROC against id_test")
+    print(f"{'variant':34} " + " ".join(f"{n[:6]:>6}" for n in names) + " | "
+          + " ".join(f"{n[:6]:>6}" for n in OOD))  # fmt: skip
+    for name, score in variants(plain, fit).items():
+        threshold = np.quantile(score(plain), 0.95, method="higher")
+        id_scores = score(sets["id_test"])
+        flagged = [100 * float((score(sets[n]) > threshold).mean()) for n in names]
+        auroc = []
+        for n in OOD:
+            s = score(sets[n])
+            labels = np.r_[np.zeros(len(id_scores)), np.ones(len(s))]
+            auroc.append(ood_metrics(np.r_[id_scores, s], labels)["AUROC"])
+        print(f"{name:34} " + " ".join(f"{v:6.1f}" for v in flagged) + " | "
+              + " ".join(f"{a:6.3f}" for a in auroc))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
