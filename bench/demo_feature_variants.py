@@ -84,8 +84,13 @@ def variants(plain: Features, fit: Features) -> dict[str, Score]:
     grads = lambda f: log_features(f.per_layer)  # noqa: E731
     half = plain.penultimate.shape[1] // 2
     vim_score, residual = vim(fit, half)
+    # energy's direction only: more confident than the typical ID sample counts as typical
+    usual = confidence(fit).mean(0)
     return {
         "energy": EnergyDetector().score,
+        "predicted, one-sided confidence": predicted_gaussians(
+            lambda f: np.c_[grads(f), np.minimum(confidence(f), usual)], 2, fit
+        ),
         "predicted_mahalanobis": fitted(PredictedMahalanobisDetector(), fit),
         "penultimate_mahalanobis": fitted(PenultimateMahalanobisDetector(), fit),
         "penultimate_mahalanobis, plain": fitted(PenultimateMahalanobisDetector(), plain),
@@ -134,7 +139,7 @@ def main() -> None:
             labels = np.r_[np.zeros(len(id_scores)), np.ones(len(s))]
             auroc.append(ood_metrics(np.r_[id_scores, s], labels)["AUROC"])
         print(f"{name:34} " + " ".join(f"{v:6.1f}" for v in flagged) + " | "
-              + " ".join(f"{a:6.3f}" for a in auroc))  # fmt: skip
+              + " ".join(f"{a:6.4f}" for a in auroc))  # fmt: skip
 
 
 if __name__ == "__main__":
