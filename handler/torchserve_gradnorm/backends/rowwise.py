@@ -40,6 +40,10 @@ class NotRowWise(Exception):
     """The plain forward cannot be proven to equal the per-sample forwards."""
 
 
+class UnknownOrigin(NotRowWise):
+    """A tensor the recorder neither was given nor saw made met per-sample data."""
+
+
 CONSTANT = -1
 """The mark of a tensor that does not depend on the input (samples' dimension: none)."""
 
@@ -74,10 +78,13 @@ def _only_first_per_sample(args: tuple, kwargs: dict, dim: Dim) -> int:
     d = dim(args[0]) if args else None
     if d is None or d == CONSTANT:
         _stop("the per-sample tensor is not the first argument")
-    rest: list[Tensor] = []
-    _tensors(args[1:], rest)
-    _tensors(kwargs.values(), rest)
-    if any(dim(v) != CONSTANT for v in rest):
+    count = getattr(dim, "per_sample", None)
+    if count is None:  # a plain function of a tensor: look at the other arguments
+        rest: list[Tensor] = []
+        _tensors(args[1:], rest)
+        _tensors(kwargs.values(), rest)
+        count = 1 + sum(dim(v) != CONSTANT for v in rest)
+    if count != 1:
         _stop("a second per-sample argument")
     return d
 
@@ -106,6 +113,38 @@ class Marks:
 
     def __setitem__(self, t: Tensor, mark: int) -> None:
         self._marks[id(t)] = (weakref.ref(t), mark)
+
+
+class CallDims:
+    """The ``dim`` a rule gets: the samples' dimension of each tensor argument of one call
+    (CONSTANT for anything else), from the marks ``_handle`` already read, and how many of
+    the call's tensor arguments (repeats counted) hold samples."""
+
+    __slots__ = ("known", "marks", "per_sample")
+
+    def __init__(self, known: dict[int, int], marks: Marks, per_sample: int) -> None:
+        self.known = known
+        self.marks = marks
+        self.per_sample = per_sample
+
+    def __call__(self, v: Any) -> int | None:
+        if not isinstance(v, Tensor):
+            return CONSTANT
+        # an argument of this call is alive, so its id is its own
+        d = self.known.get(id(v), _UNSEEN)
+        return self.marks.get(v) if d is _UNSEEN else d
+
+
+_UNSEEN = object()
+
+_IN_PLACE: dict[Any, bool] = {}
+
+
+def _in_place(func: Any) -> bool:
+    known = _IN_PLACE.get(func)
+    if known is None:
+        known = _IN_PLACE[func] = _is_in_place(func)
+    return known
 
 
 def _norm(d: int, n: int) -> int:
@@ -339,36 +378,49 @@ class RowWiseRecorder(TorchFunctionMode):
         self.uses: list[Use] = []
         self.continue_at: dict[int, list] = {}
         self.stopped: str | None = None
+        self._stop_type: type[NotRowWise] = NotRowWise
 
     def mark_input(self, t: Tensor) -> None:
         self.marks[t] = 0
 
-    def dim(self, v: Any) -> int | None:
-        return self.marks.get(v) if isinstance(v, Tensor) else CONSTANT
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.stopped:  # a model that catches exceptions must not go on half-followed
-            raise NotRowWise(self.stopped)
+            raise self.stop()
         try:
             return self._handle(func, args, kwargs)
         except NotRowWise as e:
             self.stopped = f"{_label(func)}: {e}"
-            raise NotRowWise(self.stopped) from None
+            self._stop_type = type(e)
+            raise self.stop() from None
+
+    def stop(self) -> NotRowWise:
+        """Why the forward was not followed to its end, as the exception first raised."""
+        return self._stop_type(self.stopped)
 
     def _handle(self, func, args: tuple, kwargs: dict):
         tensors: list[Tensor] = []
         _tensors(args, tensors)
         if kwargs:
             _tensors(kwargs.values(), tensors)
-        marks = [self.marks.get(t) for t in tensors]
-        if all(m is None or m == CONSTANT for m in marks):
+        get = self.marks.get
+        marks = [get(t) for t in tensors]
+        per_sample = 0
+        unknown = parameter_side = False
+        for t, m in zip(tensors, marks):
+            if m is None:
+                unknown = True
+            elif m != CONSTANT:
+                per_sample += 1
+            elif t.requires_grad:
+                parameter_side = True
+        if not per_sample:
             out = func(*args, **kwargs)
-            if None not in marks:  # else its outputs stay of unknown origin
+            if not unknown:  # else its outputs stay of unknown origin
                 self._mark(out, CONSTANT)
             return out
-        if None in marks:
-            _stop("a tensor of unknown origin meets per-sample ones")
+        if unknown:
+            raise UnknownOrigin("a tensor of unknown origin meets per-sample ones")
         if func in METADATA:
             return func(*args, **kwargs)
         if func is Tensor.size and len(args) + len(kwargs) > 1:
@@ -380,13 +432,13 @@ class RowWiseRecorder(TorchFunctionMode):
         spec = RULES.get(func)
         if spec is None:
             _stop("not known to treat the samples' rows apart")
-        if _is_in_place(func) and marks[0] == CONSTANT:
+        if _in_place(func) and marks[0] == CONSTANT:
             _stop("per-sample values written into a tensor that is not")
+        dims = CallDims({id(t): m for t, m in zip(tensors, marks)}, self.marks, per_sample)
         try:
-            out_dim = spec(args, kwargs, self.dim)
+            out_dim = spec(args, kwargs, dims)
         except (IndexError, KeyError, TypeError, ValueError) as e:  # arguments it cannot read
             raise NotRowWise(f"arguments outside the rule ({e})") from None
-        parameter_side = any(t.requires_grad and m == CONSTANT for t, m in zip(tensors, marks))
         use = None
         if parameter_side and torch.is_grad_enabled():
             out, use = self._record(func, args, kwargs, tensors)
