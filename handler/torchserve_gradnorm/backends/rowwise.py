@@ -399,6 +399,8 @@ class RowWiseRecorder(TorchFunctionMode):
         return self._stop_type(self.stopped)
 
     def _handle(self, func, args: tuple, kwargs: dict):
+        if func in METADATA:  # ndim, dtype...: a third of the calls of some models
+            return func(*args, **kwargs)
         tensors: list[Tensor] = []
         _tensors(args, tensors)
         if kwargs:
@@ -421,8 +423,6 @@ class RowWiseRecorder(TorchFunctionMode):
             return out
         if unknown:
             raise UnknownOrigin("a tensor of unknown origin meets per-sample ones")
-        if func in METADATA:
-            return func(*args, **kwargs)
         if func is Tensor.size and len(args) + len(kwargs) > 1:
             d = _norm(_arg(args, kwargs, 1, "dim"), args[0].dim())
             if d != marks[0]:
@@ -453,7 +453,12 @@ class RowWiseRecorder(TorchFunctionMode):
         return out
 
     def _mark(self, out: Any, d: int) -> None:
-        outputs = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
+        if isinstance(out, Tensor):
+            outputs = [out]
+        elif out is None or isinstance(out, (bool, int, float)):  # torch._assert, ...
+            return
+        else:
+            outputs = tree_flatten(out)[0]
         for o in outputs:
             if isinstance(o, Tensor):
                 if d != CONSTANT and (o.dim() <= d or o.shape[d] != self.batch):
