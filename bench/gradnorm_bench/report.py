@@ -235,10 +235,10 @@ def format_ratio_lines(ratios: list[dict]) -> list[str]:
         speed = ""
         if t:
             speed = f"({1 / t:.2f}x faster)" if t < 1 else f"({t:.2f}x slower)"
-        turns = " (in turns)" if r.get("time_from") == "paired" else ""
+        turns = "in turns" if r.get("time_from") == "paired" else ""
         lines.append(
             f"{r['model']:<16} {r['method']:<12} {r['ratio']:<18} "
-            f"time {fmt(t, 3):>7} {speed:<17} peak memory {fmt(r['memory'], 3):>7}{turns}"
+            f"time {fmt(t, 3):>7} {speed:<17} {turns:<8} peak memory {fmt(r['memory'], 3):>7}"
         )
     return lines
 
