@@ -49,8 +49,7 @@ CONSTANT = -1
 
 # A rule checks a call's arguments and returns the samples' dimension of its output, or a
 # function of the output that does (view / reshape); ``dim`` gives an argument's mark.
-Dim = Callable[[Any], int | None]
-Rule = Callable[[tuple, dict, Dim], "int | Callable[[Tensor], int]"]
+Rule = Callable[[tuple, dict, "CallDims"], "int | Callable[[Tensor], int]"]
 RULES: dict[Any, Rule] = {}
 
 
@@ -74,17 +73,11 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):
     return kwargs.get(name, default)
 
 
-def _only_first_per_sample(args: tuple, kwargs: dict, dim: Dim) -> int:
+def _only_first_per_sample(args: tuple, kwargs: dict, dim: CallDims) -> int:
     d = dim(args[0]) if args else None
     if d is None or d == CONSTANT:
         _stop("the per-sample tensor is not the first argument")
-    count = getattr(dim, "per_sample", None)
-    if count is None:  # a plain function of a tensor: look at the other arguments
-        rest: list[Tensor] = []
-        _tensors(args[1:], rest)
-        _tensors(kwargs.values(), rest)
-        count = 1 + sum(dim(v) != CONSTANT for v in rest)
-    if count != 1:
+    if dim.per_sample != 1:  # args[0] is one of them
         _stop("a second per-sample argument")
     return d
 
