@@ -5,12 +5,13 @@ and the README's performance block is the rendering of the committed results."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from gradnorm_bench import cli, impls, plan, readme, report
+from gradnorm_bench import cli, impls, measure, plan, readme, report
 from gradnorm_bench.impls import IMPLS, Skip
 from gradnorm_bench.zoo import ZOO
 
@@ -49,10 +50,13 @@ def test_every_implementation_runs_on_the_mlp_and_agrees_with_auto(tmp_path, cap
         assert auto["time_vs_base"] == pytest.approx(
             auto["median_ms"] / cases[("fwd+bwd", "-")]["median_ms"]
         )
+        # head-only is timed in turns with a plain forward in its own case
         head = cases[("auto-head", method)]
-        assert head["base"] == "forward"
+        paired = head["paired"]
+        assert head["base"] == paired["base"] == "forward"
+        assert len(paired["base_times_ms"]) == len(head["times_ms"]) == head["runs"]
         assert head["time_vs_base"] == pytest.approx(
-            head["median_ms"] / cases[("forward", "-")]["median_ms"]
+            statistics.median(a / b for a, b in zip(head["times_ms"], paired["base_times_ms"]))
         )
     ratios = {(r["method"], r["ratio"]) for r in result["ratios"]}
     for name in ("auto/fwd+bwd", "auto-head/forward", "auto/vmap", "auto/pytorch-ood"):
@@ -192,6 +196,8 @@ def test_targets_are_judged_from_the_run_and_a_failed_auto_misses_them():
         case("auto", "confounding", 36.0, 140.0, backend="fast"),
         case("auto-head", "confounding", 12.0),
         {"model": "vit-b16", "method": "kl", "impl": "auto", "status": "error", "reason": "x"},
+        # timed in turns with a forward in its own case: that ratio, not 12 / 10, is judged
+        case("auto-head", "kl", 12.0, paired={"base": "forward", "time_ratio": 1.05}),
         case("auto", "confounding", 1.0, model="mlp"),  # toys have no targets
     ]
     targets = report.evaluate_targets(cases, report.compute_ratios(cases), quick=False)
@@ -202,3 +208,33 @@ def test_targets_are_judged_from_the_run_and_a_failed_auto_misses_them():
     assert got[("confounding", "auto peak memory <= 1.5x forward+backward's")][1] is True
     assert got[("confounding", "head-only <= 1.1x plain forward")] == (pytest.approx(1.2), False)
     assert got[("kl", "auto runs the fast path")] == ("error", False)
+    assert got[("kl", "head-only <= 1.1x plain forward")] == (pytest.approx(1.05), True)
+
+
+def test_a_paired_case_times_its_base_in_turns_for_at_least_three_rounds():
+    order: list[str] = []
+    durations = {"impl": 5000.0, "base": 4000.0}  # ms: one impl run alone passes the budget
+
+    class Memory:
+        def reset_peak(self) -> None:
+            order.append("reset")
+
+        def peak_mb(self) -> float:
+            return {"impl": 7.0, "base": 99.0}[order[-1]]
+
+    def prepared(name: str):
+        return impls.Prepared(lambda: order.append(name))
+
+    def timed(run) -> float:
+        run()
+        return durations[order[-1]]
+
+    impl, base = prepared("impl"), prepared("base")
+    case = {"repeats": 5}
+    runs = measure._timed_runs(impl, base, case, 6.0, Memory(), timed)
+
+    assert [o for o in order if o != "reset"] == ["base", "impl", "impl", "base", "base", "impl"]
+    assert runs.times == [5000.0] * 3 and runs.base_times == [4000.0] * 3
+    assert runs.peak_mb == 7.0  # the base's own peak does not count
+    alone = measure._timed_runs(impl, None, case, 6.0, Memory(), timed)
+    assert len(alone.times) == 2 and alone.base_times == [] and alone.peak_mb is None

@@ -190,3 +190,41 @@ class Folded(SmallCnn):
 def test_the_vmap_forward_folds_norms_and_linear_maps_exactly(param_filter):
     torch.manual_seed(0)
     assert _fast_equals_loop(Folded().eval(), _images(), param_filter) == "vmap"
+
+
+def test_the_models_tensors_are_listed_once_and_again_when_one_is_replaced(monkeypatch):
+    from torchserve_gradnorm.backends import fast
+
+    listed = []
+    real = fast.model_constants
+    monkeypatch.setattr(fast, "model_constants", lambda m: listed.append(m) or real(m))
+    torch.manual_seed(0)
+    model = SmallCnn().eval().double()
+    x = _images().double()
+    scorer = GradNormScorer(model, method="kl", backend="fast", per_layer=True)
+    scorer(x)
+    scorer(x)
+    assert len(listed) == 1  # not one walk of the modules per call
+
+    # a parameter replaced by a new tensor is of unknown origin to the listed ones: listed
+    # again, still row-wise, and the new value scored
+    model.scale = nn.Parameter(torch.rand(4, 1, 1, dtype=torch.float64) + 2.0)
+    fast_result = scorer(x)
+    assert len(listed) == 2 and scorer._candidates[0].last_forward == "rowwise"
+    loop = GradNormScorer(model, method="kl", backend="loop", per_layer=True)(x)
+    for name, norm in loop.per_layer.items():
+        torch.testing.assert_close(fast_result.per_layer[name], norm, rtol=RTOL, atol=ATOL)
+
+
+def test_a_tensor_of_unknown_origin_caught_by_the_model_still_stops_it():
+    class Catching(Mixing):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                x = x + self.offset  # a plain attribute: of unknown origin
+            except Exception:
+                pass
+            return self.fc(x * 2)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    assert _fast_equals_loop(Catching(None), x) == "vmap"

@@ -51,6 +51,10 @@ class ImplSpec:
     """Why the other methods are not run."""
     base: str | None = "fwd+bwd"
     """The plain pass its time and memory are divided by in the table."""
+    paired: bool = False
+    """Its base is also timed in its case, in turns with it in the same process: its time
+    over the base's is then the median of those rounds' ratios, which a load on the machine
+    or a slower process moves far less than a ratio of two cases' medians."""
     default: bool = True
 
 
@@ -227,6 +231,7 @@ IMPLS: dict[str, ImplSpec] = {
             "GradNormScorer(backend='auto', param_filter='head'): the last Linear only",
             scorer_setup("auto", "head"),
             base="forward",
+            paired=True,
         ),
         ImplSpec(
             "fast",

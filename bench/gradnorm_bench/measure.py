@@ -10,6 +10,7 @@ import gc
 import re
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -168,6 +169,51 @@ def _auto_scores(case: dict, x: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------- a case
 
+PAIRED_MIN_ROUNDS = 3
+"""A case timed in turns with its base runs at least this many rounds (``--repeats``
+permitting), however long they take: its ratio to the base is a median of per-round ratios."""
+
+
+@dataclass
+class _Runs:
+    times: list[float]
+    """Wall ms of each timed run of the implementation."""
+    cpu_ms: float | None = None
+    """This process's CPU time per run of the implementation (all threads)."""
+    base_times: list[float] = field(default_factory=list)
+    """Wall ms of the base's run of each round (paired cases)."""
+    peak_mb: float | None = None
+    """Paired cases: the highest peak over the implementation's own runs."""
+
+
+def _timed_runs(prepared, base, case: dict, budget: float, memory, timed) -> _Runs:
+    """Up to ``repeats`` timed runs, stopping once their total passes the budget: at least
+    one always runs. With a base (paired), each round also times the base, before the
+    implementation in even rounds and after it in odd ones (a cache or frequency drift
+    then falls on both alike); the budget counts the implementation's runs only, and at
+    least PAIRED_MIN_ROUNDS rounds run."""
+    times: list[float] = []
+    base_times: list[float] = []
+    cpu = 0.0
+    peak = None
+    least = 1 if base is None else min(PAIRED_MIN_ROUNDS, case["repeats"])
+    while len(times) < case["repeats"]:
+        base_first = base is not None and len(times) % 2 == 0
+        if base_first:
+            base_times.append(timed(base.run))
+        if base is not None:
+            memory.reset_peak()  # the peak of the implementation's run alone
+        cpu_start = time.process_time()
+        times.append(timed(prepared.run))
+        cpu += time.process_time() - cpu_start
+        if base is not None:
+            peak = max(peak or 0.0, memory.peak_mb())
+            if not base_first:
+                base_times.append(timed(base.run))
+        if sum(times) / 1000 >= budget and len(times) >= least:
+            break
+    return _Runs(times, cpu * 1000 / len(times), base_times, peak)
+
 
 def run_case(case: dict) -> dict:
     """Run one case in this process; returns the case with its results filled in."""
@@ -186,6 +232,7 @@ def run_case(case: dict) -> dict:
             "ood_micro_batch": case.get("ood_micro_batch"),
         }
         prepared = impl.setup(model, x, method, opts)
+        base = IMPLS[impl.base].setup(model, x, method, opts) if impl.paired else None
     except Skip as e:
         out.update(status="skipped", reason=str(e))
         return out
@@ -196,53 +243,60 @@ def run_case(case: dict) -> dict:
     memory.set_baseline()
     last: list[Tensor | None] = [None]
 
-    def timed() -> float:
+    def timed(run) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        last[0] = prepared.run()
+        result = run()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if run is prepared.run:
+            last[0] = result
         return (time.perf_counter() - start) * 1000
 
     try:
-        warm = [timed() for _ in range(min(case["warmup"], 1))]
+        warm = [timed(prepared.run) for _ in range(min(case["warmup"], 1))]
         budget = case.get("budget_s", float("inf"))
         if warm and warm[0] / 1000 > budget:
             # One call longer than the whole budget (the big models' references on CPU): that
             # call is the measurement, first-call overheads included; the table says so.
-            times, runs = warm, 0
+            runs = _Runs(times=warm)
             stall_start = stall_end = None
-            cpu_ms = None
+            runs_count = 0
         else:
             for _ in range(case["warmup"] - len(warm)):
-                timed()
+                timed(prepared.run)
+            if base is not None:
+                for _ in range(case["warmup"]):
+                    timed(base.run)
             memory.reset_peak()
             stall_start, wall_start = cpu_stall_us(), time.perf_counter()
-            cpu_start = time.process_time()
-            # Up to `repeats` timed runs, stopping once their total passes the budget: at
-            # least one always runs.
-            times = []
-            while len(times) < case["repeats"]:
-                times.append(timed())
-                if sum(times) / 1000 >= budget:
-                    break
+            runs = _timed_runs(prepared, base, case, budget, memory, timed)
             stall_end, wall = cpu_stall_us(), time.perf_counter() - wall_start
-            cpu_ms = (time.process_time() - cpu_start) * 1000 / len(times)
-            runs = len(times)
+            runs_count = len(runs.times)
     except torch.OutOfMemoryError as e:
         out.update(status="error", reason=f"out of memory: {str(e).splitlines()[0]}")
         return out
+    times = runs.times
     out.update(
         status="ok",
         median_ms=statistics.median(times),
         min_ms=min(times),
         times_ms=times,
-        runs=runs,
-        cpu_ms=cpu_ms,
-        peak_mb=memory.peak_mb(),
+        runs=runs_count,
+        cpu_ms=runs.cpu_ms,
+        peak_mb=memory.peak_mb() if runs.peak_mb is None else runs.peak_mb,
         memory_method=memory.method,
     )
+    if runs.base_times:
+        ratios = [a / b for a, b in zip(times, runs.base_times)]
+        out["paired"] = {
+            "base": impl.base,
+            "base_median_ms": statistics.median(runs.base_times),
+            "base_times_ms": runs.base_times,
+            "time_ratios": ratios,
+            "time_ratio": statistics.median(ratios),
+        }
     if prepared.backend:
         out["backend"] = prepared.backend
     if prepared.log:

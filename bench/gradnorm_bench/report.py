@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .impls import IMPLS, METHOD_CHOICES
-from .measure import CONTENDED
+from .measure import CONTENDED, PAIRED_MIN_ROUNDS
 from .zoo import ZOO
 
 MIN_MB = 1.0
@@ -50,18 +50,32 @@ def _base_case(ok: dict, case: dict, base: str) -> dict | None:
     return ok.get((case["model"], method, base))
 
 
+def paired_time_ratio(case: dict, base: str) -> float | None:
+    """The case's time over ``base``'s, from the rounds that timed both in the case's own
+    process (``paired``), where it has them."""
+    paired = case.get("paired")
+    if paired and paired.get("base") == base:
+        return paired["time_ratio"]
+    return None
+
+
 def add_base_ratios(cases: list[dict]) -> None:
     """Each ok case's time and peak memory over its base's (fwd+bwd, or forward for head-only)
-    from the same run, as ``time_vs_base`` / ``peak_vs_base``."""
+    as ``time_vs_base`` / ``peak_vs_base``: the time from the case's own rounds timed in
+    turns with its base where it has them (head-only), else over the base case of the same
+    run, like the peak memory."""
     ok = {_key(c): c for c in cases if c.get("status") == "ok"}
     for c in ok.values():
         base = IMPLS[c["impl"]].base if c["impl"] in IMPLS else None
-        b = _base_case(ok, c, base) if base else None
-        if b is None:
+        if base is None:
+            continue
+        b = _base_case(ok, c, base)
+        paired = paired_time_ratio(c, base)
+        if b is None and paired is None:
             continue
         c["base"] = base
-        c["time_vs_base"] = _ratio(c["median_ms"], b["median_ms"])
-        c["peak_vs_base"] = _ratio(c["peak_mb"], b["peak_mb"], MIN_MB)
+        c["time_vs_base"] = paired if paired is not None else _ratio(c["median_ms"], b["median_ms"])
+        c["peak_vs_base"] = _ratio(c["peak_mb"], b["peak_mb"], MIN_MB) if b else None
 
 
 def compute_ratios(cases: list[dict]) -> list[dict]:
@@ -72,15 +86,18 @@ def compute_ratios(cases: list[dict]) -> list[dict]:
         for name, num, den in RATIOS:
             a = ok.get((model, method, num))
             b = ok.get((model, "-" if not IMPLS[den].per_method else method, den))
-            if a is None or b is None:
+            paired = paired_time_ratio(a, den) if a else None
+            if a is None or (b is None and paired is None):
                 continue
+            time = paired if paired is not None else _ratio(a["median_ms"], b["median_ms"])
             ratios.append(
                 {
                     "model": model,
                     "method": method,
                     "ratio": name,
-                    "time": _ratio(a["median_ms"], b["median_ms"]),
-                    "memory": _ratio(a["peak_mb"], b["peak_mb"], MIN_MB),
+                    "time": time,
+                    "time_from": "paired" if paired is not None else "cases",
+                    "memory": _ratio(a["peak_mb"], b["peak_mb"], MIN_MB) if b else None,
                 }
             )
     return ratios
@@ -149,6 +166,9 @@ def check_text(c: dict) -> str:
 
 def _ok_note(c: dict) -> str:
     notes = [c["options"]] if c.get("options") else []
+    paired = c.get("paired")
+    if paired:
+        notes.append(f"{paired['base']} in turns: {fmt(paired['base_median_ms'], 2)} ms")
     if c["impl"].startswith("auto") and c.get("backend") not in (None, "fast"):
         notes += [line[:200] for line in c.get("scorer_log", [])][:2]
     if contended(c):
@@ -215,9 +235,10 @@ def format_ratio_lines(ratios: list[dict]) -> list[str]:
         speed = ""
         if t:
             speed = f"({1 / t:.2f}x faster)" if t < 1 else f"({t:.2f}x slower)"
+        turns = "in turns" if r.get("time_from") == "paired" else ""
         lines.append(
             f"{r['model']:<16} {r['method']:<12} {r['ratio']:<18} "
-            f"time {fmt(t, 3):>7} {speed:<17} peak memory {fmt(r['memory'], 3):>7}"
+            f"time {fmt(t, 3):>7} {speed:<17} {turns:<8} peak memory {fmt(r['memory'], 3):>7}"
         )
     return lines
 
@@ -245,15 +266,24 @@ def format_markdown(result: dict) -> str:
         f"median of up to {meta['repeats']} runs (fewer where they passed "
         f"{meta['case_budget_s']:g} s: column runs) after {meta['warmup']} warm-up, or, where "
         "the warm-up call alone took longer (runs: cold), that one call; "
-        f"peak memory: {meta['memory_method']}. x base: time (peak memory) over the same "
-        "model's and method's fwd+bwd, or plain forward for auto-head, in this run.",
+        f"peak memory: {meta['memory_method']}. x base: time over the same model's fwd+bwd "
+        "case in this run; for auto-head, the median of per-round ratios to a plain forward "
+        "timed in turns with it in the same process (note: that forward's median), at least "
+        f"{PAIRED_MIN_ROUNDS} rounds. peak x base: peak memory over the fwd+bwd (forward) "
+        "case's.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---:" if h in NUMERIC else "---" for h in HEADER) + "|",
     ]
     for r in table_rows(result["cases"]):
         lines.append("| " + " | ".join(cell.replace("|", "/") for cell in r) + " |")
-    lines += ["", "## Ratios (time and peak memory, numerator / denominator)", "", "```"]
+    lines += [
+        "",
+        "## Ratios (time and peak memory, numerator / denominator; in turns: time from "
+        "the numerator's case, timed in turns with the denominator)",
+        "",
+        "```",
+    ]
     lines += format_ratio_lines(result["ratios"]) + ["```"]
     if result["targets"]:
         lines += ["", "## Targets (issue 11)", "", "```"]

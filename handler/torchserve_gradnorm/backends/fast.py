@@ -45,7 +45,7 @@ from ..outputs import Batch, batch_size, call_model, first_input, logits_of, map
 from .base import Backend, BackendUnsupported, is_torchscript, requires_grad_only
 from .capture import rows_of, watching
 from .recording import Use, UseRecorder
-from .rowwise import NotRowWise, RowWiseRecorder, model_constants
+from .rowwise import NotRowWise, RowWiseRecorder, UnknownOrigin, model_constants
 from .streaming import stream_output_grads
 
 log = logging.getLogger("torchserve_gradnorm")
@@ -102,6 +102,8 @@ class FastBackend(Backend):
         """Input signatures on which the row-wise forward stopped, and why."""
         self.last_forward = ""
         """How the last call recorded the uses: ``rowwise`` or ``vmap``."""
+        self._constants: list[Tensor] | None = None
+        """The model's parameters and buffers, for the row-wise recorder."""
 
     def __call__(self, x: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         with requires_grad_only(self.model, self.selected) as params:
@@ -142,14 +144,31 @@ class FastBackend(Backend):
         return logits.detach(), {n: norms[n] for n in self.selected}
 
     def _rowwise_forward(self, x: Batch) -> tuple[Tensor, RowWiseRecorder]:
-        recorder = RowWiseRecorder(batch_size(x), model_constants(self.model))
+        # The model's parameters and buffers, listed once: walking every module costs a few
+        # milliseconds a call on a deep model. A tensor the model got since then is of
+        # unknown origin to the recorder: the list is made again and the forward retried.
+        cached = self._constants is not None
+        if not cached:
+            self._constants = model_constants(self.model)
+        try:
+            return self._rowwise_forward_with(x, self._constants)
+        except UnknownOrigin:
+            if not cached:
+                raise
+            self._constants = model_constants(self.model)
+            return self._rowwise_forward_with(x, self._constants)
+
+    def _rowwise_forward_with(
+        self, x: Batch, constants: list[Tensor]
+    ) -> tuple[Tensor, RowWiseRecorder]:
+        recorder = RowWiseRecorder(batch_size(x), constants)
         map_batch(x, recorder.mark_input)
         head = self.head_inputs
         with watching(head), recorder:
             out = call_model(self.model, x)
             features = None if head is None else head.take()
         if recorder.stopped:  # the model caught the stop and went on
-            raise NotRowWise(recorder.stopped)
+            raise recorder.stop()
         logits = logits_of(out, self.output)
         if logits.dim() == 0 or recorder.marks.get(logits) != 0:
             raise NotRowWise("the logits are not the samples' rows")

@@ -40,13 +40,16 @@ class NotRowWise(Exception):
     """The plain forward cannot be proven to equal the per-sample forwards."""
 
 
+class UnknownOrigin(NotRowWise):
+    """A tensor the recorder neither was given nor saw made met per-sample data."""
+
+
 CONSTANT = -1
 """The mark of a tensor that does not depend on the input (samples' dimension: none)."""
 
 # A rule checks a call's arguments and returns the samples' dimension of its output, or a
 # function of the output that does (view / reshape); ``dim`` gives an argument's mark.
-Dim = Callable[[Any], int | None]
-Rule = Callable[[tuple, dict, Dim], "int | Callable[[Tensor], int]"]
+Rule = Callable[[tuple, dict, "CallDims"], "int | Callable[[Tensor], int]"]
 RULES: dict[Any, Rule] = {}
 
 
@@ -70,14 +73,11 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):
     return kwargs.get(name, default)
 
 
-def _only_first_per_sample(args: tuple, kwargs: dict, dim: Dim) -> int:
+def _only_first_per_sample(args: tuple, kwargs: dict, dim: CallDims) -> int:
     d = dim(args[0]) if args else None
     if d is None or d == CONSTANT:
         _stop("the per-sample tensor is not the first argument")
-    rest: list[Tensor] = []
-    _tensors(args[1:], rest)
-    _tensors(kwargs.values(), rest)
-    if any(dim(v) != CONSTANT for v in rest):
+    if dim.per_sample != 1:  # args[0] is one of them
         _stop("a second per-sample argument")
     return d
 
@@ -106,6 +106,38 @@ class Marks:
 
     def __setitem__(self, t: Tensor, mark: int) -> None:
         self._marks[id(t)] = (weakref.ref(t), mark)
+
+
+class CallDims:
+    """The ``dim`` a rule gets: the samples' dimension of each tensor argument of one call
+    (CONSTANT for anything else), from the marks ``_handle`` already read, and how many of
+    the call's tensor arguments (repeats counted) hold samples."""
+
+    __slots__ = ("known", "marks", "per_sample")
+
+    def __init__(self, known: dict[int, int], marks: Marks, per_sample: int) -> None:
+        self.known = known
+        self.marks = marks
+        self.per_sample = per_sample
+
+    def __call__(self, v: Any) -> int | None:
+        if not isinstance(v, Tensor):
+            return CONSTANT
+        # an argument of this call is alive, so its id is its own
+        d = self.known.get(id(v), _UNSEEN)
+        return self.marks.get(v) if d is _UNSEEN else d
+
+
+_UNSEEN = object()
+
+_IN_PLACE: dict[Any, bool] = {}
+
+
+def _in_place(func: Any) -> bool:
+    known = _IN_PLACE.get(func)
+    if known is None:
+        known = _IN_PLACE[func] = _is_in_place(func)
+    return known
 
 
 def _norm(d: int, n: int) -> int:
@@ -339,38 +371,51 @@ class RowWiseRecorder(TorchFunctionMode):
         self.uses: list[Use] = []
         self.continue_at: dict[int, list] = {}
         self.stopped: str | None = None
+        self._stop_type: type[NotRowWise] = NotRowWise
 
     def mark_input(self, t: Tensor) -> None:
         self.marks[t] = 0
 
-    def dim(self, v: Any) -> int | None:
-        return self.marks.get(v) if isinstance(v, Tensor) else CONSTANT
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.stopped:  # a model that catches exceptions must not go on half-followed
-            raise NotRowWise(self.stopped)
+            raise self.stop()
         try:
             return self._handle(func, args, kwargs)
         except NotRowWise as e:
             self.stopped = f"{_label(func)}: {e}"
-            raise NotRowWise(self.stopped) from None
+            self._stop_type = type(e)
+            raise self.stop() from None
+
+    def stop(self) -> NotRowWise:
+        """Why the forward was not followed to its end, as the exception first raised."""
+        return self._stop_type(self.stopped)
 
     def _handle(self, func, args: tuple, kwargs: dict):
+        if func in METADATA:  # ndim, dtype...: a third of the calls of some models
+            return func(*args, **kwargs)
         tensors: list[Tensor] = []
         _tensors(args, tensors)
         if kwargs:
             _tensors(kwargs.values(), tensors)
-        marks = [self.marks.get(t) for t in tensors]
-        if all(m is None or m == CONSTANT for m in marks):
+        get = self.marks.get
+        marks = [get(t) for t in tensors]
+        per_sample = 0
+        unknown = parameter_side = False
+        for t, m in zip(tensors, marks):
+            if m is None:
+                unknown = True
+            elif m != CONSTANT:
+                per_sample += 1
+            elif t.requires_grad:
+                parameter_side = True
+        if not per_sample:
             out = func(*args, **kwargs)
-            if None not in marks:  # else its outputs stay of unknown origin
+            if not unknown:  # else its outputs stay of unknown origin
                 self._mark(out, CONSTANT)
             return out
-        if None in marks:
-            _stop("a tensor of unknown origin meets per-sample ones")
-        if func in METADATA:
-            return func(*args, **kwargs)
+        if unknown:
+            raise UnknownOrigin("a tensor of unknown origin meets per-sample ones")
         if func is Tensor.size and len(args) + len(kwargs) > 1:
             d = _norm(_arg(args, kwargs, 1, "dim"), args[0].dim())
             if d != marks[0]:
@@ -380,13 +425,13 @@ class RowWiseRecorder(TorchFunctionMode):
         spec = RULES.get(func)
         if spec is None:
             _stop("not known to treat the samples' rows apart")
-        if _is_in_place(func) and marks[0] == CONSTANT:
+        if _in_place(func) and marks[0] == CONSTANT:
             _stop("per-sample values written into a tensor that is not")
+        dims = CallDims({id(t): m for t, m in zip(tensors, marks)}, self.marks, per_sample)
         try:
-            out_dim = spec(args, kwargs, self.dim)
+            out_dim = spec(args, kwargs, dims)
         except (IndexError, KeyError, TypeError, ValueError) as e:  # arguments it cannot read
             raise NotRowWise(f"arguments outside the rule ({e})") from None
-        parameter_side = any(t.requires_grad and m == CONSTANT for t, m in zip(tensors, marks))
         use = None
         if parameter_side and torch.is_grad_enabled():
             out, use = self._record(func, args, kwargs, tensors)
@@ -401,7 +446,12 @@ class RowWiseRecorder(TorchFunctionMode):
         return out
 
     def _mark(self, out: Any, d: int) -> None:
-        outputs = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
+        if isinstance(out, Tensor):
+            outputs = [out]
+        elif out is None or isinstance(out, (bool, int, float)):  # torch._assert, ...
+            return
+        else:
+            outputs = tree_flatten(out)[0]
         for o in outputs:
             if isinstance(o, Tensor):
                 if d != CONSTANT and (o.dim() <= d or o.shape[d] != self.batch):
