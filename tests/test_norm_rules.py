@@ -346,11 +346,13 @@ def test_conv_rule_builds_in_chunks_of_samples_and_sums_a_samples_rows(
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_depthwise_kernels_are_built_as_one_forward_convolution(method, monkeypatch):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_depthwise_kernels_are_built_as_one_forward_convolution(method, layout, monkeypatch):
+    """Whichever layout the activations come in (oneDNN hands ConvNeXt's on channels-last)."""
     calls = []
     real = conv_rule.depthwise_weight_grad
     monkeypatch.setattr(conv_rule, "depthwise_weight_grad", lambda *a: calls.append(1) or real(*a))
-    x = inputs(4, 24, 24)
+    x = inputs(4, 24, 24).contiguous(memory_format=layout)
     assert_fast_matches_loop(classifier(nn.Conv2d(4, 4, 7, padding=3, groups=4), x), x, method)
     assert calls, "the depthwise layer should take the forward-convolution build"
 
