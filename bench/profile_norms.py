@@ -8,7 +8,9 @@ Prints the fastest of the repeats (the least disturbed by other load on the mach
 fwd+bwd, the fast backend, its recorded forward, its rule calls (summed; they now run inside
 the backward), the rest (the backward to the recorded outputs, bookkeeping); the peak RSS of
 each (VmHWM reset through clear_refs; the malloc setting makes freed tensors leave the RSS);
-and the dearest rule calls by (function, weight, input) shape.
+and the dearest rule calls by (function, weight, input) shape. For scale, two plain passes
+bound what any one-backward method can reach: the forward, and the forward plus the backward
+to the input only (no weight gradient; what the fast backend's own backward has to do).
 """
 
 from __future__ import annotations
@@ -86,6 +88,17 @@ def main() -> None:
         method.loss(model(x), 1.0).sum().backward()
         model.zero_grad(set_to_none=True)
 
+    def fwd() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def fwd_bwd_activations() -> None:
+        frozen = [p.requires_grad_(False) for p in model.parameters()]
+        xg = x.detach().requires_grad_(True)
+        torch.autograd.grad(method.loss(model(xg), 1.0).sum(), xg)
+        for p in frozen:
+            p.requires_grad_(True)
+
     memory = CpuMemory()
     memory.set_baseline()
     rows = defaultdict(list)
@@ -98,6 +111,13 @@ def main() -> None:
             fwd_bwd()
             rows["fwd+bwd"].append(time.perf_counter() - t0)
             rows["fwd+bwd peak MB"].append(memory.peak_mb())
+            t0 = time.perf_counter()
+            fwd()
+            rows["forward (plain, no grad)"].append(time.perf_counter() - t0)
+            if x.is_floating_point():  # token ids have no gradient
+                t0 = time.perf_counter()
+                fwd_bwd_activations()
+                rows["fwd + bwd to the input only"].append(time.perf_counter() - t0)
             current.clear()
             forward_time[0] = 0.0
             memory.reset_peak()

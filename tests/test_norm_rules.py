@@ -274,14 +274,33 @@ CONV_CASES = [
     # many output positions (grouped-convolution build) and depthwise kernels
     case(nn.Conv2d(2, 3, 3, padding=1), 2, 17, 16, id="2d-many-positions"),
     case(nn.Conv2d(8, 8, 5, padding=2, groups=8), 8, 6, 6, id="2d-depthwise"),
-    # depthwise over many positions: summed offset by offset (ConvNeXt's 7x7 at 56x56)
-    case(nn.Conv2d(4, 4, 7, padding=3, groups=4), 4, 24, 24, id="2d-depthwise-shifted"),
+    # depthwise (one input channel a group): one forward convolution with the output
+    # gradient as the kernel, stride and dilation swapped, cropped to the kernel
+    case(nn.Conv2d(4, 4, 7, padding=3, groups=4), 4, 24, 24, id="2d-depthwise-7x7"),
     case(
         nn.Conv2d(3, 3, (3, 5), padding=(0, 1), groups=3, bias=False),
         3,
         25,
         26,
-        id="2d-depthwise-shifted-uneven",
+        id="2d-depthwise-uneven",
+    ),
+    case(nn.Conv2d(4, 4, 5, stride=2, padding=2, groups=4), 4, 9, 10, id="2d-depthwise-stride"),
+    case(
+        nn.Conv2d(3, 6, 3, stride=(2, 1), dilation=(1, 2), padding=2, groups=3),
+        3,
+        8,
+        9,
+        id="2d-depthwise-multiplier-stride-dilation",
+    ),
+    case(nn.Conv2d(1, 5, 3), 1, 6, 7, id="2d-one-input-channel"),
+    case(nn.Conv1d(4, 4, 5, stride=2, padding=2, groups=4), 4, 11, id="1d-depthwise-stride"),
+    case(
+        nn.Conv3d(2, 4, 3, stride=(1, 2, 1), dilation=(2, 1, 1), padding=1, groups=2),
+        2,
+        6,
+        5,
+        4,
+        id="3d-depthwise-multiplier",
     ),
 ]
 
@@ -327,13 +346,15 @@ def test_conv_rule_builds_in_chunks_of_samples_and_sums_a_samples_rows(
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_depthwise_kernels_over_many_positions_are_built_offset_by_offset(method, monkeypatch):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_depthwise_kernels_are_built_as_one_forward_convolution(method, layout, monkeypatch):
+    """Whichever layout the activations come in (oneDNN hands ConvNeXt's on channels-last)."""
     calls = []
-    real = conv_rule.shifted_weight_grad
-    monkeypatch.setattr(conv_rule, "shifted_weight_grad", lambda *a: calls.append(1) or real(*a))
-    x = inputs(4, 24, 24)
+    real = conv_rule.depthwise_weight_grad
+    monkeypatch.setattr(conv_rule, "depthwise_weight_grad", lambda *a: calls.append(1) or real(*a))
+    x = inputs(4, 24, 24).contiguous(memory_format=layout)
     assert_fast_matches_loop(classifier(nn.Conv2d(4, 4, 7, padding=3, groups=4), x), x, method)
-    assert calls, "the 24x24 depthwise layer should take the offset-by-offset build"
+    assert calls, "the depthwise layer should take the forward-convolution build"
 
 
 # --- normalization layers ------------------------------------------------------------------
