@@ -120,7 +120,7 @@ kserve-store: model_store/digits.mar
 	cp model_store/digits.mar build/kserve/model-store/
 
 # Per-sample scoring on the model zoo against pytorch-ood, BackPACK and plain passes, CPU,
-# 2 threads, every model, both methods (bench/README.md); about 15-16 minutes on a quiet machine (900 s here)
+# 2 threads, every model, both methods (bench/README.md); about 15-16 minutes on a quiet machine
 # (no case starts after 19).
 # Writes the committed bench/results/cpu-2threads.{json,md}; `make bench-readme` then renders
 # the README's performance table from it. Subsets: PYTHONPATH=bench python -m gradnorm_bench
