@@ -33,7 +33,15 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .recording import Use, _is_in_place, _name, _storage, new_use, replay_for
+from .recording import (
+    Use,
+    _is_in_place,
+    _map_tensors,
+    _name,
+    _storage,
+    new_use,
+    replay_for,
+)
 
 
 class NotRowWise(Exception):
@@ -477,7 +485,7 @@ class RowWiseRecorder(TorchFunctionMode):
                 p = t.detach().unsqueeze(d).movedim(d + 1, 0)
                 physical[id(t)] = p.clone() if replay is not func else p
         storages.update(_storage(t) for t in tracked.values())
-        recorded = _replace((args, kwargs), physical)
+        recorded = _map_tensors((args, kwargs), lambda t: physical.get(id(t), t))
         out = func(*args, **kwargs)
 
         leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
@@ -500,19 +508,6 @@ def _label(func: Any) -> str:
     if getattr(func, "__name__", "") == "__get__" and hasattr(owner, "__name__"):
         return f"Tensor.{owner.__name__}"  # a property: x.shape
     return _name(func)
-
-
-def _replace(value, physical: dict[int, Tensor]):
-    if isinstance(value, Tensor):
-        return physical.get(id(value), value)
-    if isinstance(value, list):
-        return [_replace(v, physical) for v in value]
-    if isinstance(value, tuple):
-        items = [_replace(v, physical) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, dict):
-        return {k: _replace(v, physical) for k, v in value.items()}
-    return value
 
 
 def model_constants(model: nn.Module) -> list[Tensor]:
