@@ -545,6 +545,7 @@ def test_eval_reports_flagged_shares_and_metrics_per_detector_and_set(demo, tmp_
     for r in rows:
         assert 0.0 <= r["flagged"] <= 1.0
         assert ("AUROC" in r) == (r["kind"] != "ID")
+        assert ("AUROC_interval" in r) == r["kind"].endswith("OOD")
     id_flagged = [r["flagged"] for r in rows if r["kind"] == "ID" and r["detector"] == "energy"]
     assert 0.0 < id_flagged[0] < 0.2  # thresholds sit at 95 % TPR on the fit data
     assert "| detector | id_test (ID) | jpeg (shift) |" in (tmp_path / "eval.md").read_text()

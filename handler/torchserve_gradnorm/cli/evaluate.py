@@ -9,7 +9,10 @@ rendered otherwise, to be answered as in-distribution, as in full-spectrum OOD d
 ``--ood`` (far OOD) and ``--near-ood``. For every detector and set it reports the share
 flagged at the detector's threshold and, for shift and OOD sets against the ID set, the
 metrics of pytorch-ood's OODMetrics (OOD positive, higher score = more OOD; for a shift
-set an AUROC near 0.5 means the detector does not tell it from ID, which is the goal).
+set an AUROC near 0.5 means the detector does not tell it from ID, which is the goal). For
+every OOD set, a paired bootstrap of its and the ID set's samples gives each AUROC's 95 %
+interval and the interval of its difference from each logit baseline's: whether a detector
+beats msp or energy beyond the noise of sets this size.
 
 Detectors: ``msp`` (Hendrycks & Gimpel 2017) and ``energy`` (Liu et al. 2020), the logit
 baselines; ``sum`` (the engine's score); ``mahalanobis``, ``class_mahalanobis`` and
@@ -50,11 +53,13 @@ from ..detectors import (
     PredictedMahalanobisDetector,
     SumDetector,
 )
-from ..evaluation import ood_metrics
+from ..evaluation import bootstrap_aurocs, ood_metrics, percentile_interval
 from ..mar import open_archive
 from ._common import feature_scorer, score_augmented, score_folders
 
 KINDS = ("ID", "shift", "far OOD", "near OOD")
+BASELINES = ("msp", "energy")
+"""The logit baselines every detector's AUROC is compared with."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,13 +109,34 @@ def evaluate(
     """One row per detector and set; ``unseen``: per OOD set, an mlp trained without it."""
     jobs = [(name, c, set_name) for name, c in candidates.items() for set_name in sets]
     jobs += [("mlp (kind unseen)", c, set_name) for set_name, c in unseen.items()]
-    rows = []
+    rows, scored_pairs = [], {}
     for name, candidate, set_name in jobs:
         kind, scored = sets[set_name]
         id_scores = candidate.detector.score(sets[id_name][1].features)  # cheap: no fitting
         scores = candidate.detector.score(scored.features)
         rows.append(row(name, set_name, kind, scores, id_scores, candidate.threshold))
+        scored_pairs[name, set_name] = (id_scores, scores)
+    add_auroc_intervals(rows, scored_pairs)
     return rows
+
+
+def add_auroc_intervals(rows: list[dict], pairs: dict[tuple[str, str], tuple]) -> None:
+    """Per OOD set: every detector's AUROC interval and its difference from each logit
+    baseline's, from one paired bootstrap of that set's and the ID set's samples."""
+    for set_name in dict.fromkeys(r["set"] for r in rows if r["kind"].endswith("OOD")):
+        on_set = [r for r in rows if r["set"] == set_name]
+        aurocs = bootstrap_aurocs([pairs[r["detector"], set_name] for r in on_set])
+        column = {r["detector"]: k for k, r in enumerate(on_set)}
+        for k, r in enumerate(on_set):
+            r["AUROC_interval"] = list(percentile_interval(aurocs[:, k]))
+            r["AUROC_minus"] = {
+                base: {
+                    "difference": r["AUROC"] - on_set[column[base]]["AUROC"],
+                    "interval": list(percentile_interval(aurocs[:, k] - aurocs[:, column[base]])),
+                }
+                for base in BASELINES
+                if base in column and base != r["detector"]
+            }
 
 
 def row(
@@ -146,6 +172,24 @@ def _table(rows: list[dict], sets: list[str], cell, heads: list[str] | None = No
     return lines
 
 
+def auroc_interval(r: dict | None) -> str:
+    if r is None or "AUROC_interval" not in r:
+        return ""
+    low, high = r["AUROC_interval"]
+    return f"{r['AUROC']:.3f} ({low:.3f}-{high:.3f})"
+
+
+def difference_from(base: str):
+    def cell(r: dict | None) -> str:
+        if r is None or base not in r.get("AUROC_minus", {}):
+            return ""
+        d = r["AUROC_minus"][base]
+        low, high = d["interval"]
+        return f"{d['difference']:+.3f} ({low:+.3f} to {high:+.3f})"
+
+    return cell
+
+
 def markdown(rows: list[dict], n_id: int) -> str:
     kinds = {r["set"]: r["kind"] for r in rows}
     ordered = sorted(kinds, key=lambda s: KINDS.index(kinds[s]))
@@ -179,7 +223,21 @@ def markdown(rows: list[dict], n_id: int) -> str:
             oods,
             lambda r: "" if r is None else f"{r['AUPR-IN']:.3f} / {r['AUPR-OUT']:.3f}",
         ),
+        "",
+        "AUROC with its 95 % interval (stratified bootstrap of the ID and OOD samples, "
+        "2000 resamples):",
+        "",
+        *_table(rows, oods, auroc_interval),
     ]
+    for base in BASELINES:
+        lines += [
+            "",
+            f"AUROC minus {base}'s, with the 95 % interval of the difference (paired "
+            "bootstrap: the same resamples for both; an interval above 0 is better than "
+            f"{base} beyond resampling noise):",
+            "",
+            *_table(rows, oods, difference_from(base)),
+        ]
     return "\n".join(lines) + "\n"
 
 
