@@ -97,5 +97,5 @@ def test_augmented_copies_are_reproducible_new_renderings_at_the_served_shape(tm
 
 def test_augmentation_refuses_tensor_files(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="pictures only"):
+    with pytest.raises(ValueError, match="pictures and texts only"):
         augmented_samples(tmp_path, tensor_decoder(), copies=2)

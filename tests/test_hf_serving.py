@@ -131,11 +131,15 @@ def test_calibration_and_evaluation_read_txt_and_jsonl_text_folders(store, tmp_p
     out = tmp_path / "calibration.json"
     calibrate_cli.main([str(store / "distilbert.mar"), "--id", str(texts), "--out", str(out)])
     assert json.loads(out.read_text())["n_id"] == 2 * len(TEXTS) + 1
+    # --augment on text: perturbed copies of every text join the fit (augment_text.py)
+    mar = str(store / "distilbert.mar")
+    calibrate_cli.main([mar, "--id", str(texts), "--augment", "3", "--out", str(out)])
+    calibration = json.loads(out.read_text())
+    assert (calibration["n_id"], calibration["n_augmented"]) == (9, 27)
     ood = tmp_path / "ood"
     ood.mkdir()
     (ood / "noise.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["%%", "$ #"]))
     report = tmp_path / "eval.json"
-    mar = str(store / "distilbert.mar")
     evaluate_cli.main([mar, "--id", str(texts), "--ood", str(ood), "--json", str(report)])
     assert "AUROC" in report.read_text()
     (texts / "bad.jsonl").write_text('{"text": ""}\n')

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .augment import augmented_bytes
+from .augment_text import augmented_texts
 from .codecs import RequestDecoder, RequestError
 from .detectors import Features
 from .scorer import GradNormScorer
@@ -42,11 +43,12 @@ def sample_files(folder: str | Path, text: bool = False) -> list[Path]:
     return files
 
 
-def _texts(path: Path, decoder: RequestDecoder) -> list:
-    """Token ids of the texts of one .txt (the whole file) or .jsonl file (one per line)."""
+def _text_requests(path: Path) -> list[tuple[bytes | dict, str]]:
+    """(request, where) of each text of one .txt (the whole file, as a raw body) or .jsonl
+    file (``{"text": ..., "text_pair": ...}``, one per line)."""
     if path.suffix.lower() == ".txt":
-        return _decode_text(decoder, path.read_bytes(), str(path))
-    samples = []
+        return [(path.read_bytes(), str(path))]
+    requests = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -57,8 +59,15 @@ def _texts(path: Path, decoder: RequestDecoder) -> list:
         if not isinstance(record, dict) or "text" not in record:
             raise ValueError(f'{path}:{number}: expected {{"text": ...}}')
         request = {"text": record["text"], "text_pair": record.get("text_pair")}
-        samples += _decode_text(decoder, request, f"{path}:{number}")
-    return samples
+        requests.append((request, f"{path}:{number}"))
+    return requests
+
+
+def _texts(path: Path, decoder: RequestDecoder) -> list:
+    """Token ids of the texts of one .txt or .jsonl file."""
+    return [
+        s for request, where in _text_requests(path) for s in _decode_text(decoder, request, where)
+    ]
 
 
 def _decode_text(decoder: RequestDecoder, payload: object, where: str) -> list:
@@ -105,16 +114,40 @@ def iter_folder(folder: str | Path, decoder: RequestDecoder) -> Iterator[torch.T
 
 def augmented_samples(
     folder: str | Path, decoder: RequestDecoder, copies: int, seed: int = 0
-) -> torch.Tensor:
-    """``copies`` augmented renderings of every picture in a folder (``augment.py``),
-    decoded as the server decodes them; seeded per file, so reproducible."""
+) -> torch.Tensor | list:
+    """``copies`` augmented renderings of every picture in a folder (``augment.py``), or
+    perturbed copies of every text (``augment_text.py``), decoded as the server decodes
+    them; seeded per file (and line), so reproducible."""
+    if decoder.text is not None:
+        return _augmented_texts(folder, decoder, copies, seed)
     samples = []
     for index, path in enumerate(sample_files(folder)):
         if path.suffix.lower() not in PICTURES:
-            raise ValueError(f"{path}: augmentation works on pictures only")
+            raise ValueError(f"{path}: augmentation works on pictures and texts only")
         for data in augmented_bytes(path.read_bytes(), copies, seed=(seed, index)):
             samples.append(decoder.decode(data).samples)
     return torch.cat(samples)
+
+
+def _augmented_texts(folder: str | Path, decoder: RequestDecoder, copies: int, seed: int) -> list:
+    samples = []
+    for index, path in enumerate(sample_files(folder, text=True)):
+        for line, (request, where) in enumerate(_text_requests(path)):
+            if isinstance(request, bytes):
+                try:
+                    request = {"text": request.decode("utf-8"), "text_pair": None}
+                except UnicodeDecodeError:
+                    raise ValueError(f"{where}: not valid UTF-8") from None
+            if not isinstance(request["text"], str) or not isinstance(
+                request["text_pair"], (str, type(None))
+            ):
+                raise ValueError(f"{where}: text and text_pair must be strings")
+            pairs = augmented_texts(
+                request["text"], request["text_pair"], copies, (seed, index, line)
+            )
+            for text, text_pair in pairs:
+                samples += _decode_text(decoder, {"text": text, "text_pair": text_pair}, where)
+    return samples
 
 
 @dataclass

@@ -40,7 +40,7 @@ def score_folders(
 def score_augmented(
     scorer: GradNormScorer, decoder: RequestDecoder, folder: str, copies: int, batch_size: int
 ) -> Scored:
-    """``copies`` augmented renderings of every picture in ``folder``, scored."""
+    """``copies`` augmented copies of every picture or text in ``folder``, scored."""
     samples = augmented_samples(folder, decoder, copies)
     return score_samples(
         scorer, decoder, samples, batch_size, label=f"{Path(folder).name} (augmented)"

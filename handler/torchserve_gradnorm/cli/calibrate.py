@@ -5,9 +5,11 @@
 
 Scores go through the archive's own preprocessing and scoring settings. ``--augment`` adds
 COPIES (default 4) augmented renderings of every ID picture (enlarged with another filter,
-turned, moved, strokes, brightness, contrast, JPEG: ``augment.py``) to the data the detector
-is fitted on, so that benign variation in how clients render a picture is not flagged; the
-threshold stays at ``--tpr`` of the ID pictures as given. ``--into`` writes
+turned, moved, strokes, brightness, contrast, JPEG: ``augment.py``), or perturbed copies of
+every ID text (casing, final punctuation, typos, a word dropped or two swapped:
+``augment_text.py``), to the data the detector is fitted on, so that benign variation in how
+clients render a picture or type a text is not flagged; the threshold stays at ``--tpr`` of
+the ID samples as given. ``--into`` writes
 the calibration into an archive (as calibration.json), so the served model flags OOD with
 no further step; the archive must hold the same weights and scoring settings. Without
 ``--into`` the calibration goes to ``--out`` (default calibration.json); with it, to a
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=4,
         default=0,
         metavar="COPIES",
-        help="also fit on COPIES (default 4) augmented copies of every ID picture",
+        help="also fit on COPIES (default 4) augmented copies of every ID picture or text",
     )
     p.add_argument("--ood", action="append", default=[], help="folder of OOD samples (repeatable)")
     p.add_argument("--tpr", type=float, default=0.95, help="share of ID samples not flagged")

@@ -17,7 +17,8 @@ beats msp or energy beyond the noise of sets this size.
 Detectors: ``msp`` (Hendrycks & Gimpel 2017) and ``energy`` (Liu et al. 2020), the logit
 baselines; ``sum`` (the engine's score); ``mahalanobis``, ``class_mahalanobis`` and
 ``predicted_mahalanobis`` (fitted on --fit-id, plus COPIES augmented copies of each picture
-with --fit-augment, in which case ``mahalanobis, ID only`` is also fitted without them);
+or text with --fit-augment, in which case ``mahalanobis, ID only`` is also fitted without
+them);
 ``penultimate_mahalanobis`` (Lee et al. 2018 on the input of the model's last linear layer,
 fitted the same way; not for TorchScript models, which take no module hooks);
 ``mlp`` (trained on --fit-id and --fit-ood); ``mlp (kind unseen)`` (when a --fit-ood folder
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=4,
         default=0,
         metavar="COPIES",
-        help="also fit on COPIES (default 4) augmented copies of every --fit-id picture",
+        help="also fit on COPIES (default 4) augmented copies of every --fit-id picture or text",
     )
     p.add_argument("--fit-ood", action="append", default=[], help="OOD samples to train mlp on")
     p.add_argument("--json", help="write the results as JSON")
