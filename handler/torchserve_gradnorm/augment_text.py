@@ -8,8 +8,9 @@ typos in a few longer words (two neighbouring letters swapped, a letter dropped 
 or a neighbouring key on a QWERTY keyboard: the natural-noise kinds of Belinkov & Bisk,
 "Synthetic and Natural Noise Both Break Neural Machine Translation", ICLR 2018), a word
 dropped and two neighbouring words swapped (random deletion and swap, at a lower rate than
-Wei & Zou's "EDA", EMNLP 2019). Nothing reads a dictionary, so any language and vocabulary
-works; everything is seeded, so a calibration is reproducible. The perturbations are light
+Wei & Zou's "EDA", EMNLP 2019). Nothing reads a dictionary (words are split at spaces;
+other letters than a-z get the other typo kinds); everything is seeded, so a calibration is
+reproducible. The perturbations are light
 on purpose: a word dropped can still flip a sentence's meaning ("not"), and a rate that
 rewrites texts would teach the detector to accept what it should flag.
 """
