@@ -346,6 +346,28 @@ def test_conv_rule_builds_in_chunks_of_samples_and_sums_a_samples_rows(
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "tile",
+    [
+        pytest.param(1, id="row-blocks-of-one"),
+        pytest.param(130, id="row-blocks-and-a-remainder"),
+        pytest.param(2000, id="two-group-products-a-block"),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_unfolded_build_covers_every_group_and_row_once_whatever_the_tile(
+    tile, method, rows, monkeypatch
+):
+    """A group's product (288 x 3 here) is built a ``TILE_NUMBERS`` block at a time; the
+    blocks, the groups and a sample's rows add up to the sample's norm."""
+    monkeypatch.setattr(conv_rule, "TILE_NUMBERS", tile)
+    x = inputs(*((rows, 64, 3, 3) if rows > 1 else (64, 3, 3)))
+    layer = nn.Conv2d(64, 6, 3, padding=1, groups=2)
+    body = Rows(layer) if rows > 1 else layer
+    assert_fast_matches_loop(classifier(body, x), x, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_depthwise_kernels_are_built_as_one_forward_convolution(method, layout, monkeypatch):
     """Whichever layout the activations come in (oneDNN hands ConvNeXt's on channels-last)."""
