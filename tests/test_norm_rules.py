@@ -368,6 +368,33 @@ def test_unfolded_build_covers_every_group_and_row_once_whatever_the_tile(
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "tile", [pytest.param(1, id="a-sample-a-block"), pytest.param(1 << 18, id="whole-batch")]
+)
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        case(nn.Conv2d(3, 4, 3, padding=1), 3, 8, 9, id="3x3-pad"),
+        case(nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(1, 0)), 2, 9, 12, id="dilation"),
+        case(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), 3, 8, 10, id="reflect"),
+        case(nn.Conv2d(2, 3, 5, padding=2, bias=False), 2, 11, 16, id="5x5"),
+    ],
+)
+def test_stride_one_kernels_are_built_offset_by_offset_from_the_padded_input(
+    layer, shape, tile, method, monkeypatch
+):
+    """The input's windows run on past each row's end into the next row (and the last one
+    into an extra padded row), where the output gradient's padded zero columns meet them."""
+    calls = []
+    real = conv_rule.shifted_norm
+    monkeypatch.setattr(conv_rule, "shifted_norm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(conv_rule, "TILE_NUMBERS", tile)
+    x = inputs(*shape)
+    assert_fast_matches_loop(classifier(layer, x), x, method)
+    assert calls, "the layer should take the offset-by-offset build"
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_depthwise_kernels_are_built_as_one_forward_convolution(method, layout, monkeypatch):
     """Whichever layout the activations come in (oneDNN hands ConvNeXt's on channels-last)."""

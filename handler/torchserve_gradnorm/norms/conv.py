@@ -249,9 +249,53 @@ def weight_grads(spec: ConvSpec, activation: Tensor, grad_output: Tensor, sample
     return grads
 
 
+def _shifts(spec: ConvSpec, grad_output: Tensor, rows: int) -> bool:
+    """Whether ``shifted_norm`` builds this layer's products faster than the unfolded patches
+    or the grouped convolution: a stride-1 2-D kernel, one group, one row a sample, 256
+    positions or fewer (more: the grouped convolution wins, up to 1.4x) and a row of output
+    at least 4 times the kernel's overhang (fewer: the padded columns' multiply-adds lose to
+    im2col's copy)."""
+    if grad_output.dim() != 4 or rows != 1 or spec.groups != 1:
+        return False
+    if _depthwise(spec) or any(s != 1 for s in spec.stride) or spec.weight[0, 0].numel() == 1:
+        return False
+    overhang = spec.dilation[1] * (spec.kernel_size[1] - 1)
+    return grad_output[0, 0].numel() <= 256 and grad_output.shape[3] >= 4 * overhang
+
+
+def shifted_norm(spec: ConvSpec, activation: Tensor, grad_output: Tensor, kind: str) -> Tensor:
+    """Per-sample norms of a stride-1 2-D convolution's weight gradient, built one kernel
+    offset at a time with no im2col copy: the offset's (C_out, C_in) slice is G times the
+    input shifted by the offset, and with G padded by zero columns to the padded input's
+    width, that shifted input is a plain strided matrix of the padded input (each window
+    runs on past its rows' ends into the next row, where G's zeros meet it)."""
+    (kh, kw), (dh, dw), (ph, pw) = spec.kernel_size, spec.dilation, spec.padding
+    x = F.pad(activation, (pw, pw, ph, ph + 1)).contiguous()  # a row more: the last overhang
+    width, length = x.shape[3], x.shape[2] * x.shape[3]
+    g = F.pad(grad_output, (0, width - grad_output.shape[3])).flatten(2)  # (B, C_out, T')
+    batch, c, (p, t) = len(x), x.shape[1], g.shape[1:]
+    windows = [
+        x.as_strided((batch, t, c), (c * length, 1, length), x.storage_offset() + start)
+        for start in (i * dh * width + j * dw for i in range(kh) for j in range(kw))
+    ]
+    samples = max(1, min(batch, TILE_NUMBERS // (p * c)))
+    buffer = x.new_empty(samples * p * c)
+    sums = x.new_empty(len(windows), batch)
+    for s0 in range(0, batch, samples):
+        s1 = min(batch, s0 + samples)
+        for k, u in enumerate(windows):
+            block = buffer[: (s1 - s0) * p * c].view(s1 - s0, p, c)
+            torch.bmm(g[s0:s1], u[s0:s1], out=block)
+            block = block.square_() if kind == "sq_l2" else block.abs_()
+            torch.sum(block, (1, 2), out=sums[k, s0:s1])
+    return sums.sum(0)
+
+
 def built_norm(
     spec: ConvSpec, activation: Tensor, grad_output: Tensor, kind: str, batch: int
 ) -> Tensor:
+    if _shifts(spec, grad_output, len(activation) // batch):
+        return shifted_norm(spec, activation, grad_output, kind)
     if _unfolds(spec, activation, grad_output):
         return unfolded_norm(spec, activation, grad_output, kind, batch)
     rows = len(activation) // batch
