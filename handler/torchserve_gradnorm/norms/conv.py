@@ -11,9 +11,12 @@ Three ways to its norm, chosen per call (Bu, Mao & Xu 2022, mixed ghost clipping
   last stage of a ResNet on small inputs): G U^T is an outer product g u^T, so the norms
   are |g|^2 |u|^2 and |g|_1 |u|_1, as for a Linear layer.
 - build: G U^T per sample, a few samples at a time (a large layer's B x |W| is never held
-  whole), either as batched matrix products of the unfolded input, an L2-sized block at a
-  time into one reused buffer (1x1 kernels, whose patches are the input itself, and layers
-  with few output positions), or as the weight gradient of a convolution, which is itself a
+  whole) and, where a number built costs few multiply-adds, an L2-sized block at a time
+  into one reused buffer, its norm taken while the block is still in L2: for stride-1 2-D
+  kernels with few output positions, one kernel offset at a time as G times a strided
+  window of the zero-padded input (no im2col copy); as batched matrix products of the
+  unfolded input (1x1 kernels, whose patches are the input itself, and other layers with
+  few output positions); or as the weight gradient of a convolution, which is itself a
   convolution of the input with the output gradient: folding the batch into the channel
   axis and multiplying ``groups`` by B gives all per-sample weight gradients in one
   grouped-convolution backward call (many output positions, 3-D); a depthwise kernel's
@@ -190,15 +193,16 @@ chunk is written and reduced while still in cache, and that a large layer's B x 
 held whole."""
 
 TILE_NUMBERS = 1 << 18
-"""Numbers of a block of the unfolded build (1 MiB in float32, half a core's L2): a layer
-with few positions has few multiply-adds per number built (16 for a CIFAR ResNet's last
-stage), so writing the product and reading it back for its norm is most of its cost, and a
-block this size is still in L2 when its norm is taken. Against whole samples in chunks of
-``BUILD_NUMBERS`` (same process, L1 norm, 1 / 2 threads): CIFAR ResNet-18's 3x3 layers on
-4x4 and 8x8 maps 0.73-0.79x / 0.87-0.93x the time, its 1x1 ones 0.37x; ResNet-50's,
-ConvNeXt-T's and EfficientNet-B0's unfolded layers 0.33-0.92x, but one (16 -> 96
-channels at 112x112, whose product is small and made of long sums) 1.02-1.10x. Smaller
-blocks lose on the number of calls, larger ones on L2 misses."""
+"""Numbers of a block of the offset-by-offset and unfolded builds (1 MiB in float32, half a
+core's L2): a layer with few positions has few multiply-adds per number built (16 for a
+CIFAR ResNet's last stage), so writing the product and reading it back for its norm is
+most of its cost, and a block this size is still in L2 when its norm is taken. Measured
+against whole samples in chunks of ``BUILD_NUMBERS`` (same process, L1 norm, 1 / 2
+threads): CIFAR ResNet-18's unfolded 3x3 layers on 4x4 maps 0.6-0.8x / 0.87x the time,
+its 1x1 ones 0.35x; ResNet-50's, ConvNeXt-T's and EfficientNet-B0's unfolded layers
+0.33-0.92x, but for one (16 -> 96 channels at 112x112, a small product of long sums)
+1.02-1.10x. Quarter- and half-sized blocks lose on the number of calls, 4 MiB ones on L2
+misses."""
 
 
 def _unfolds(spec: ConvSpec, activation: Tensor, grad_output: Tensor) -> bool:
@@ -252,9 +256,11 @@ def weight_grads(spec: ConvSpec, activation: Tensor, grad_output: Tensor, sample
 def _shifts(spec: ConvSpec, grad_output: Tensor, rows: int) -> bool:
     """Whether ``shifted_norm`` builds this layer's products faster than the unfolded patches
     or the grouped convolution: a stride-1 2-D kernel, one group, one row a sample, 256
-    positions or fewer (more: the grouped convolution wins, up to 1.4x) and a row of output
-    at least 4 times the kernel's overhang (fewer: the padded columns' multiply-adds lose to
-    im2col's copy)."""
+    positions or fewer and an output row at least 4 times the kernel's overhang. Measured on
+    CIFAR ResNet-18 and ResNet-50's 3x3 layers (same process, L1 norm, against the unfolded
+    and grouped builds): 8x8 to 16x16 maps 0.46-0.79x the time at 1 thread, 0.58-0.64x at
+    2; 28x28 ones 0.92-0.97x, 32x32 and larger 1.2-1.8x (the grouped convolution wins); 4x4
+    maps, whose padded columns are a third of the products' length, 1.0-1.5x."""
     if grad_output.dim() != 4 or rows != 1 or spec.groups != 1:
         return False
     if _depthwise(spec) or any(s != 1 for s in spec.stride) or spec.weight[0, 0].numel() == 1:
