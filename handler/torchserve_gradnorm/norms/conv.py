@@ -257,10 +257,12 @@ def _shifts(spec: ConvSpec, grad_output: Tensor, rows: int) -> bool:
     """Whether ``shifted_norm`` builds this layer's products faster than the unfolded patches
     or the grouped convolution: a stride-1 2-D kernel, one group, one row a sample, 256
     positions or fewer and an output row at least 4 times the kernel's overhang. Measured on
-    CIFAR ResNet-18 and ResNet-50's 3x3 layers (same process, L1 norm, against the unfolded
-    and grouped builds): 8x8 to 16x16 maps 0.46-0.79x the time at 1 thread, 0.58-0.64x at
-    2; 28x28 ones 0.92-0.97x, 32x32 and larger 1.2-1.8x (the grouped convolution wins); 4x4
-    maps, whose padded columns are a third of the products' length, 1.0-1.5x."""
+    CIFAR ResNet-18's and ResNet-50's 3x3 layers (same process, L1 norm): on 8x8 to 16x16
+    maps 0.46-0.79x the time of the grouped convolution or of unfolded patches in whole
+    samples at 1 thread, 0.58-0.64x at 2, and 0.62-0.64x that of unfolded patches in
+    ``TILE_NUMBERS`` blocks; on 28x28 maps 0.92-0.97x, on 32x32 and larger 1.2-1.8x (the
+    grouped convolution wins); on 4x4 maps, whose padded columns are a third of the
+    products' length, 1.0-1.5x the blocked unfolded patches."""
     if grad_output.dim() != 4 or rows != 1 or spec.groups != 1:
         return False
     if _depthwise(spec) or any(s != 1 for s in spec.stride) or spec.weight[0, 0].numel() == 1:
