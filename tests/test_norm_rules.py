@@ -346,6 +346,55 @@ def test_conv_rule_builds_in_chunks_of_samples_and_sums_a_samples_rows(
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "tile",
+    [
+        pytest.param(1, id="row-blocks-of-one"),
+        pytest.param(130, id="row-blocks-and-a-remainder"),
+        pytest.param(2000, id="two-group-products-a-block"),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_unfolded_build_covers_every_group_and_row_once_whatever_the_tile(
+    tile, method, rows, monkeypatch
+):
+    """A group's product (288 x 3 here) is built a ``TILE_NUMBERS`` block at a time; the
+    blocks, the groups and a sample's rows add up to the sample's norm."""
+    monkeypatch.setattr(conv_rule, "TILE_NUMBERS", tile)
+    x = inputs(*((rows, 64, 3, 3) if rows > 1 else (64, 3, 3)))
+    layer = nn.Conv2d(64, 6, 3, padding=1, groups=2)
+    body = Rows(layer) if rows > 1 else layer
+    assert_fast_matches_loop(classifier(body, x), x, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "tile", [pytest.param(1, id="a-sample-a-block"), pytest.param(1 << 18, id="whole-batch")]
+)
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        case(nn.Conv2d(3, 4, 3, padding=1), 3, 8, 9, id="3x3-pad"),
+        case(nn.Conv2d(2, 3, (3, 2), dilation=(2, 1), padding=(1, 0)), 2, 9, 12, id="dilation"),
+        case(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), 3, 8, 10, id="reflect"),
+        case(nn.Conv2d(2, 3, 5, padding=2, bias=False), 2, 11, 16, id="5x5"),
+    ],
+)
+def test_stride_one_kernels_are_built_offset_by_offset_from_the_padded_input(
+    layer, shape, tile, method, monkeypatch
+):
+    """The input's windows run on past each row's end into the next row (and the last one
+    into an extra padded row), where the output gradient's padded zero columns meet them."""
+    calls = []
+    real = conv_rule.shifted_norm
+    monkeypatch.setattr(conv_rule, "shifted_norm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(conv_rule, "TILE_NUMBERS", tile)
+    x = inputs(*shape)
+    assert_fast_matches_loop(classifier(layer, x), x, method)
+    assert calls, "the layer should take the offset-by-offset build"
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_depthwise_kernels_are_built_as_one_forward_convolution(method, layout, monkeypatch):
     """Whichever layout the activations come in (oneDNN hands ConvNeXt's on channels-last)."""
