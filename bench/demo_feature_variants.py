@@ -1,5 +1,7 @@
 """Side experiments on the demo (not in ``make eval``): detectors on the penultimate
-activations, alone and beside the gradient and logit features, fitted on ID data only.
+activations, alone and beside the gradient and logit features, and variants of
+``predicted_mahalanobis`` (Ledoit-Wolf shrinkage, a covariance split into the class spread
+and the re-rendering moves, other logit statistics), fitted on ID data only.
 
 Scores every demo set once with the archive's scorer (per-layer norms and penultimate
 activations from the same forward), then fits each variant on the validation digits (with
@@ -75,12 +77,50 @@ def vim(fit: Features, principal: int) -> tuple[Score, Callable[[np.ndarray], np
     return lambda f: alpha * residual(f.penultimate) - log_sum_exp(f.logits), residual
 
 
+def ledoit_wolf_predicted(fit: Features) -> Score:
+    """predicted_mahalanobis with the Ledoit-Wolf shrinkage (chosen from the data) instead of
+    a fixed 10 % towards the diagonal."""
+    from sklearn.covariance import LedoitWolf
+
+    z, answered = joint(fit), fit.logits.argmax(1)
+    means = np.stack([z[answered == c].mean(0) for c in range(fit.logits.shape[1])])
+    means[:, -2:] = z[:, -2:].mean(0)
+    precision = LedoitWolf().fit(z - means[answered]).precision_
+    return lambda f: _distance(joint(f) - means[f.logits.argmax(1)], precision)
+
+
+def nuisance_split(plain: Features, augmented: Features, copies: int) -> Score:
+    """predicted_mahalanobis's vectors, the class means of the plain pictures and a covariance
+    split in two: the plain pictures' spread around their class means plus the spread of
+    each augmented copy around its own original (the change a re-rendering makes)."""
+    zp, za = joint(plain), joint(augmented)
+    answered = plain.logits.argmax(1)
+    means = np.stack([zp[answered == c].mean(0) for c in range(plain.logits.shape[1])])
+    means[:, -2:] = zp[:, -2:].mean(0)
+    moves = za - np.repeat(zp, copies, axis=0)
+    cov = np.cov(zp - means[answered], rowvar=False) + moves.T @ moves / len(moves)
+    precision = np.linalg.inv(0.9 * cov + 0.1 * np.diag(np.diag(cov)))
+    return lambda f: _distance(joint(f) - means[f.logits.argmax(1)], precision)
+
+
+def _distance(d: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", d, precision, d), 0.0))
+
+
+def joint(f: Features) -> np.ndarray:
+    return np.c_[log_features(f.per_layer), confidence(f)]
+
+
+def top_logits(f: Features, k: int = 3) -> np.ndarray:
+    return np.c_[log_features(f.per_layer), -np.sort(-f.logits, 1)[:, :k], log_sum_exp(f.logits)]
+
+
 def fitted(detector, fit: Features) -> Score:
     detector.fit(fit)
     return detector.score
 
 
-def variants(plain: Features, fit: Features) -> dict[str, Score]:
+def variants(plain: Features, fit: Features, augmented: Features, copies: int) -> dict[str, Score]:
     grads = lambda f: log_features(f.per_layer)  # noqa: E731
     half = plain.penultimate.shape[1] // 2
     vim_score, residual = vim(fit, half)
@@ -107,6 +147,12 @@ def variants(plain: Features, fit: Features) -> dict[str, Score]:
         ),
         f"ViM (principal {half})": vim_score,
         f"ViM (principal {half}), plain": vim(plain, half)[0],
+        "predicted, Ledoit-Wolf": ledoit_wolf_predicted(fit),
+        "predicted, within + re-render cov": nuisance_split(plain, augmented, copies),
+        "predicted, grads + all logits": predicted_gaussians(
+            lambda f: np.c_[grads(f), f.logits], 0, fit
+        ),
+        "predicted, grads + top-3 + lse": predicted_gaussians(top_logits, 4, fit),
     }
 
 
@@ -129,7 +175,7 @@ def main() -> None:
     print("flagged % at 95 % TPR on id_val | AUROC against id_test")
     print(f"{'variant':34} " + " ".join(f"{n[:6]:>6}" for n in names) + " | "
           + " ".join(f"{n[:6]:>6}" for n in OOD))  # fmt: skip
-    for name, score in variants(plain, fit).items():
+    for name, score in variants(plain, fit, augmented, args.augment).items():
         threshold = np.quantile(score(plain), 0.95, method="higher")
         id_scores = score(sets["id_test"])
         flagged = [100 * float((score(sets[n]) > threshold).mean()) for n in names]
