@@ -25,6 +25,7 @@ from .augment_text import augmented_texts
 from .codecs import RequestDecoder, RequestError
 from .detectors import Features
 from .scorer import GradNormScorer
+from .text import Text
 
 PICTURES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 TENSORS = {".npy", ".pt"}
@@ -133,21 +134,21 @@ def _augmented_texts(folder: str | Path, decoder: RequestDecoder, copies: int, s
     samples = []
     for index, path in enumerate(sample_files(folder, text=True)):
         for line, (request, where) in enumerate(_text_requests(path)):
-            if isinstance(request, bytes):
-                try:
-                    request = {"text": request.decode("utf-8"), "text_pair": None}
-                except UnicodeDecodeError:
-                    raise ValueError(f"{where}: not valid UTF-8") from None
-            if not isinstance(request["text"], str) or not isinstance(
-                request["text_pair"], (str, type(None))
-            ):
-                raise ValueError(f"{where}: text and text_pair must be strings")
-            pairs = augmented_texts(
-                request["text"], request["text_pair"], copies, (seed, index, line)
-            )
+            original = _checked_text(decoder, request, where)
+            pairs = augmented_texts(original.text, original.pair, copies, (seed, index, line))
             for text, text_pair in pairs:
                 samples += _decode_text(decoder, {"text": text, "text_pair": text_pair}, where)
     return samples
+
+
+def _checked_text(decoder: RequestDecoder, request: bytes | dict, where: str) -> Text:
+    """The text (and pair) of a request, checked as the server checks it."""
+    try:
+        return decoder.text.instance(request if isinstance(request, dict) else request.decode())
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not valid UTF-8") from None
+    except RequestError as e:
+        raise ValueError(f"{where}: {e.message}") from None
 
 
 @dataclass

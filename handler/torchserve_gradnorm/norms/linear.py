@@ -38,16 +38,15 @@ call, is far from the B x |W| that building the whole batch's products at once t
 (600 MB for one ViT-B MLP layer at batch 64, in float32)."""
 
 
-def built_product_norm(g: Tensor, a: Tensor, kind: str, elements: int | None = None) -> Tensor:
+def built_product_norm(g: Tensor, a: Tensor, kind: str, elements: int = BLOCK) -> Tensor:
     """Per-sample norm of G_b^T A_b for g (B, T, p) and a (B, T, d), built block by block:
-    several samples' whole products when they fit in a block of ``elements`` (``BLOCK``
-    unless given), else equal row blocks."""
+    several samples' whole products when they fit in a block of ``elements``, else equal
+    row blocks."""
     if a.shape[2] > g.shape[2]:  # the norm of (G^T A)^T: the longer side is cut into rows
         g, a = a, g
     batch, p, d = g.shape[0], g.shape[2], a.shape[2]
     if p * d == 0:
         return g.new_zeros(batch)
-    elements = elements or BLOCK
     samples = max(1, min(batch, elements // (p * d)))
     rows = -(-p // -(-p * d // elements)) if samples == 1 else p
     gt = g.transpose(1, 2)
