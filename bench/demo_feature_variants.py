@@ -8,7 +8,10 @@ activations from the same forward), then fits each variant on the validation dig
 their augmented copies unless the name says ``plain``), sets its threshold at 95 % TPR on the
 validation digits and prints the flagged share of every set and the AUROC of the OOD sets
 against the held-out digits, as ``gradnorm-eval`` computes them. The variants are fixed here
-in advance: none is chosen by its result on the OOD test sets.
+in advance: none is chosen by its result on the OOD test sets. A second, independent draw of
+letters (``ood_fit/letters``, which only ``mlp`` is fitted on in ``make eval``) gets its own
+AUROC column, and ``predicted_mahalanobis`` minus energy is printed on both letter sets with
+its paired bootstrap interval: a gap that is only resampling noise would not repeat there.
 
     make archive   # or the same commands by hand, into other folders
     OMP_NUM_THREADS=1 PYTHONPATH=handler python bench/demo_feature_variants.py \\
@@ -31,11 +34,12 @@ from torchserve_gradnorm.detectors import (
     PredictedMahalanobisDetector,
 )
 from torchserve_gradnorm.detectors.base import log_features, log_sum_exp, shrunk_precision
-from torchserve_gradnorm.evaluation import ood_metrics
+from torchserve_gradnorm.evaluation import bootstrap_aurocs, ood_metrics, percentile_interval
 from torchserve_gradnorm.mar import open_archive
 
 SHIFTS = "bilinear bicubic lanczos jpeg rotate translate thick thin contrast brightness".split()
 OOD = "letters noise photos inverted rotated".split()
+SECOND_LETTERS = "letters2"
 Score = Callable[[Features], np.ndarray]
 
 
@@ -169,23 +173,46 @@ def main() -> None:
         folders += [d / "ood_test" / s for s in OOD]
         sets = {n: s.features for n, s in score_folders(scorer, decoder, folders, 64).items()}
         augmented = score_augmented(scorer, decoder, d / "id_val", args.augment, 64).features
+        # a second, independent draw of letters: only `mlp` in `make eval` is fitted on it
+        second = score_folders(scorer, decoder, [d / "ood_fit" / "letters"], 64)
+        sets[SECOND_LETTERS] = second["letters"].features
     plain = sets.pop("id_val")
     fit = Features.concat([plain, augmented])
     names = ["id_test", *SHIFTS, *OOD]
+    read = [*OOD, SECOND_LETTERS]
     print("flagged % at 95 % TPR on id_val | AUROC against id_test")
     print(f"{'variant':34} " + " ".join(f"{n[:6]:>6}" for n in names) + " | "
-          + " ".join(f"{n[:6]:>6}" for n in OOD))  # fmt: skip
-    for name, score in variants(plain, fit, augmented, args.augment).items():
+          + " ".join(f"{n[:6]:>6}" for n in read))  # fmt: skip
+    scores = variants(plain, fit, augmented, args.augment)
+    for name, score in scores.items():
         threshold = np.quantile(score(plain), 0.95, method="higher")
         id_scores = score(sets["id_test"])
         flagged = [100 * float((score(sets[n]) > threshold).mean()) for n in names]
         auroc = []
-        for n in OOD:
+        for n in read:
             s = score(sets[n])
             labels = np.r_[np.zeros(len(id_scores)), np.ones(len(s))]
             auroc.append(ood_metrics(np.r_[id_scores, s], labels)["AUROC"])
         print(f"{name:34} " + " ".join(f"{v:6.1f}" for v in flagged) + " | "
               + " ".join(f"{a:6.4f}" for a in auroc))  # fmt: skip
+    print(f"\nAUROC minus energy's, paired 95 % interval ({SECOND_LETTERS}: ood_fit/letters)")
+    for n in ("letters", SECOND_LETTERS):
+        print(f"  {n}: " + paired_difference(scores, "predicted_mahalanobis", "energy", sets, n))
+
+
+def paired_difference(
+    scores: dict[str, Score], name: str, baseline: str, sets: dict[str, Features], ood: str
+) -> str:
+    """``name``'s AUROC minus ``baseline``'s on ``ood`` against the held-out digits, with the
+    paired bootstrap interval ``gradnorm-eval`` reports."""
+    pairs = [(scores[k](sets["id_test"]), scores[k](sets[ood])) for k in (name, baseline)]
+    resampled = bootstrap_aurocs(pairs)
+    difference = resampled[:, 0] - resampled[:, 1]
+    point = [ood_metrics(np.r_[i, o], np.r_[np.zeros(len(i)), np.ones(len(o))])["AUROC"]
+             for i, o in pairs]  # fmt: skip
+    low, high = percentile_interval(difference)
+    gap = point[0] - point[1]
+    return f"{point[0]:.4f} - {point[1]:.4f} = {gap:+.4f} ({low:+.4f} to {high:+.4f})"
 
 
 if __name__ == "__main__":
