@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .backends import BackendUnsupported
-from .backends.base import is_torchscript
+from .backends.capture import HeadInputs
 from .calibration import Calibration, CalibrationError, fingerprint
 from .codecs import Decoded, RequestError, request_payload
 from .config import ConfigError, HandlerConfig
@@ -149,12 +149,14 @@ class GradNormService:
         kwargs = config.scorer_kwargs()
         kwargs["per_layer"] = config.per_layer or self.detector.needs_per_layer
         kwargs["penultimate"] = self.detector.needs_penultimate
-        if self.detector.needs_penultimate and is_torchscript(model):
-            raise ConfigError(
-                "handler.calibration",
-                f"the {self.detector.name} detector reads the penultimate activations, which "
-                "a TorchScript model cannot hand over (it takes no module hooks)",
-            )
+        if self.detector.needs_penultimate:
+            # refused under the calibration's key: the detector, not the backend, needs them
+            try:
+                HeadInputs(model)
+            except ValueError as e:
+                raise ConfigError(
+                    "handler.calibration", f"the {self.detector.name} detector reads {e}"
+                ) from None
         try:
             self.scorer = GradNormScorer(model, **kwargs)
         except ValueError as e:
