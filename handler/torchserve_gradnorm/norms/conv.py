@@ -26,6 +26,7 @@ Three ways to its norm, chosen per call (Bu, Mao & Xu 2022, mixed ghost clipping
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -155,20 +156,28 @@ def unfolded_norm(
 ) -> Tensor:
     """Per-sample norms of G U^T from the unfolded patches, a few samples' patches at a time,
     each product built a ``TILE_NUMBERS`` block at a time."""
-    rows = len(activation) // batch
-    positions = rows * grad_output[0, 0].numel()
+    positions = len(activation) // batch * grad_output[0, 0].numel()
     patches = positions * (spec.weight[0].numel() * spec.groups + grad_output.shape[1])
-    chunk = min(batch, max(1, BUILD_NUMBERS // patches))
     norms = []
-    for start in range(0, batch, chunk):
-        samples = min(chunk, batch - start)
-        a = activation[start * rows : (start + samples) * rows]
-        g = grad_output[start * rows : (start + samples) * rows]
+    for samples, a, g in sample_chunks(activation, grad_output, batch, patches):
         u, g = grouped_patches(spec, a, g, samples)
         u, g = u.flatten(0, 1).transpose(1, 2), g.flatten(0, 1).transpose(1, 2)
         per_group = built_product_norm(g, u, kind, TILE_NUMBERS)
         norms.append(per_group.view(samples, spec.groups).sum(1))
     return torch.cat(norms)
+
+
+def sample_chunks(
+    activation: Tensor, grad_output: Tensor, batch: int, numbers: int
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(samples, activation rows, output-gradient rows) of consecutive chunks of whole
+    samples, as many a chunk as keep ``numbers`` built per sample within ``BUILD_NUMBERS``."""
+    rows = len(activation) // batch
+    chunk = min(batch, max(1, BUILD_NUMBERS // numbers))
+    for start in range(0, batch, chunk):
+        samples = min(chunk, batch - start)
+        rows_of = slice(start * rows, (start + samples) * rows)
+        yield samples, activation[rows_of], grad_output[rows_of]
 
 
 def ghost_sq_norm(spec: ConvSpec, activation: Tensor, grad_output: Tensor, batch: int) -> Tensor:
@@ -306,16 +315,11 @@ def built_norm(
         return shifted_norm(spec, activation, grad_output, kind)
     if _unfolds(spec, activation, grad_output):
         return unfolded_norm(spec, activation, grad_output, kind, batch)
-    rows = len(activation) // batch
-    chunk = min(batch, max(1, BUILD_NUMBERS // spec.weight.numel()))
-    norms = activation.new_empty(batch)
-    for start in range(0, batch, chunk):
-        samples = min(chunk, batch - start)
-        a = activation[start * rows : (start + samples) * rows]
-        g = grad_output[start * rows : (start + samples) * rows]
+    norms = []
+    for samples, a, g in sample_chunks(activation, grad_output, batch, spec.weight.numel()):
         grads = weight_grads(spec, a, g, samples)
-        norms[start : start + samples] = scratch_norm(grads, kind)  # grads: this chunk's own
-    return norms
+        norms.append(scratch_norm(grads, kind))  # grads: this chunk's own
+    return torch.cat(norms)
 
 
 def prefers_ghost(spec: ConvSpec, grad_output: Tensor, kind: str, rows: int) -> bool:
