@@ -189,25 +189,35 @@ def supervised_bounds(fit: Features, labelled: Features) -> dict[str, Score]:
     }
 
 
+def score_demo(
+    archive_path: str | Path, demo: Path, copies: int
+) -> tuple[dict[str, Features], Features, Features, dict[str, Features]]:
+    """Every demo set scored by an archive (per-layer norms and penultimate activations):
+    the held-out, shifted and OOD test sets plus the second draw of letters, the validation
+    digits, their ``copies`` augmented copies, and the second draw of every far-OOD kind."""
+    d = Path(demo)
+    with open_archive(archive_path) as archive:
+        scorer, decoder = feature_scorer(archive, penultimate=True)
+        folders = [d / "id_val", d / "id_test", *(d / "shift_test" / s for s in SHIFTS)]
+        folders += [d / "ood_test" / s for s in OOD]
+        sets = {n: s.features for n, s in score_folders(scorer, decoder, folders, 64).items()}
+        augmented = score_augmented(scorer, decoder, d / "id_val", copies, 64).features
+        # a second, independent draw of letters, noise and photos: only `mlp` in `make eval`
+        # and the supervised bounds here are fitted on it
+        labelled = score_folders(scorer, decoder, [d / "ood_fit" / n for n in FAR], 64)
+        labelled = {n: s.features for n, s in labelled.items()}
+    sets[SECOND_LETTERS] = labelled["letters"]
+    plain = sets.pop("id_val")
+    return sets, plain, augmented, labelled
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("archive")
     p.add_argument("demo", type=Path, help="the folder samples/make_demo_data.py wrote")
     p.add_argument("--augment", type=int, default=8)
     args = p.parse_args()
-    d = args.demo
-    with open_archive(args.archive) as archive:
-        scorer, decoder = feature_scorer(archive, penultimate=True)
-        folders = [d / "id_val", d / "id_test", *(d / "shift_test" / s for s in SHIFTS)]
-        folders += [d / "ood_test" / s for s in OOD]
-        sets = {n: s.features for n, s in score_folders(scorer, decoder, folders, 64).items()}
-        augmented = score_augmented(scorer, decoder, d / "id_val", args.augment, 64).features
-        # a second, independent draw of letters, noise and photos: only `mlp` in `make eval`
-        # and the supervised bounds here are fitted on it
-        labelled = score_folders(scorer, decoder, [d / "ood_fit" / n for n in FAR], 64)
-        labelled = {n: s.features for n, s in labelled.items()}
-        sets[SECOND_LETTERS] = labelled["letters"]
-    plain = sets.pop("id_val")
+    sets, plain, augmented, labelled = score_demo(args.archive, args.demo, args.augment)
     fit = Features.concat([plain, augmented])
     names = ["id_test", *SHIFTS, *OOD]
     read = [*OOD, SECOND_LETTERS]
@@ -248,12 +258,13 @@ def blend(fit: Features, weight: float) -> Score:
 
 def frontier(
     plain: Features, fit: Features, augmented: Features, copies: int, sets: dict[str, Features]
-) -> None:
+) -> list[str]:
     """Two families with one knob each, from ``predicted_mahalanobis``'s recipe towards what
     ranks letters as energy does: the weight of the re-rendering moves in the covariance
     (``nuisance_split``) and a blend with energy. For every point: letters AUROC on both draws
     and the set each target binds on, at 95 % TPR on the validation digits. The corner the
-    issue asks for is letters above energy on both draws with every target met."""
+    issue asks for is letters above energy on both draws with every target met; the points
+    that reach it are returned."""
     energy = EnergyDetector().score
     floor = [_auroc(energy, sets, n) for n in ("letters", SECOND_LETTERS)]
     families = {
@@ -278,6 +289,7 @@ def frontier(
         if met and all(a > b for a, b in zip(letters, floor)):
             corner.append(name)
     print("corner reached by: " + (", ".join(corner) or "none"))
+    return corner
 
 
 def _auroc(score: Score, sets: dict[str, Features], ood: str) -> float:
