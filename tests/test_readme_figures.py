@@ -71,3 +71,86 @@ def test_the_text_shift_figures_are_the_ones_quoted(tmp_path):
         f", {share['predicted_mahalanobis', 'test']} of the test reviews)"
     ) in README
     assert share["predicted_mahalanobis", "ood"] == "100.0 %"
+
+
+WORDS = "none one two three four five six seven eight nine ten".split()
+SEED_ROW = (  # seed, accuracy, id_test, worst shift, fewest far, fewest near, targets met
+    r"^ +(\d) +([\d.]+) +[\d.]+ +\w+ +([\d.]+) +(\w+) +([\d.]+) +\w+ +[\d.]+"
+    r" +(yes|NO) +(yes|NO) +(yes|NO)"
+)
+
+
+def above_both(row: str) -> list[bool]:
+    """Per far-OOD set of an AUROC row (three numbers, then '*' when the first is highest)."""
+    tokens, marks = row.split()[1:], []
+    while tokens:
+        tokens = tokens[3:]
+        marks.append(bool(tokens) and tokens[0] == "*")
+        tokens = tokens[1:] if marks[-1] else tokens
+    return marks
+
+
+def test_the_seed_study_figures_are_the_committed_outputs():
+    # bench/results/demo-seeds.txt, from the command in bench/README.md (about 8 minutes)
+    text = (REPO / "bench/results/demo-seeds.txt").read_text()
+    rows = re.findall(SEED_ROW, text, re.M)
+    assert [int(row[0]) for row in rows] == list(range(10))
+    assert rows[0][5:] == ("yes", "yes", "yes")
+    others = rows[1:]
+    accuracy = [100 * float(row[1]) for row in rows]
+    far = [float(row[4]) for row in others]
+    far_kinds = [row[3] for row in others]
+    moved = [float(row[2]) for row in others if row[5] == "NO"]
+    assert all(row[6] == "NO" for row in others)
+    assert f"test accuracy {min(accuracy):.1f}-{max(accuracy):.0f} %" in README
+    letters, noise = (WORDS[far_kinds.count(kind)] for kind in ("letters", "noise"))
+    assert (
+        f"flags only {min(far):.1f}-{max(far):.1f} % of the least-flagged far-OOD set (letters "
+        f"for {letters} seeds, noise for {noise})"
+    ) in README
+    assert (
+        f"more than 7 % of the moved digits for {WORDS[len(moved)]} "
+        f"(19 to 33 of 270, {min(moved):.1f}-{max(moved):.1f} %)"
+    ) in README
+    assert round(min(moved) * 2.7) == 19 and round(max(moved) * 2.7) == 33
+    gaps = re.findall(
+        r"^ +\d +[\d.]+ - [\d.]+ = ([-+][\d.]+) \([-+][\d.]+ to ([-+][\d.]+)\)", text, re.M
+    )
+    behind = [-float(gap[0]) for gap in gaps[1:]]
+    assert all(float(gap[1]) < 0 for gap in gaps[1:])
+    assert f"trails energy's by {min(behind):.3f} to {max(behind):.3f}" in README
+    table = text.split("(* above both)")[1].split("letters AUROC")[0]
+    marks = [above_both(row) for row in re.findall(r"^ +\d +[\d.].*$", table, re.M)][1:]
+    assert len(marks) == 9 and all(photos for _, _, photos in marks)
+    assert f"on noise for {WORDS[sum(noise for _, noise, _ in marks)]} of the nine" in README
+    assert text.count("corner: none") == 10
+    assert "The frontier reaches the corner for none of the ten." in README
+
+
+def test_the_frontier_figures_are_the_committed_outputs():
+    # bench/results/demo-feature-variants.txt, which tests/test_demo_eval.py regenerates
+    text = (REPO / "bench/results/demo-feature-variants.txt").read_text()
+    points = {
+        name: (float(a), float(b), shift, float(s), far, float(f))
+        for name, a, b, shift, s, far, f in re.findall(
+            r"^(re-render weight [\d.]+|energy blend [\d.]+) +([\d.]+) +([\d.]+) +(\w+) +([\d.]+)"
+            r" +(\w+) +([\d.]+)",
+            text,
+            re.M,
+        )  # fmt: skip
+    }
+    first, last = points["re-render weight 0"], points["re-render weight 30"]
+    assert f"takes letters from AUROC {first[0]:.4f} down to {last[0]:.4f}" in README
+    assert (first[2], last[2]) == ("contrast", "translate")
+    assert f"falls from {first[3]:.1f} % (low contrast) to {last[3]:.1f} % (moved digits)" in README
+    blends = [
+        v for k, v in points.items() if k.startswith("energy blend") and k != "energy blend 0"
+    ]
+    letters = [b[0] for b in blends]
+    moved = [b[3] for b in blends]
+    assert all(b[2] == "translate" for b in blends)
+    assert f"lifts letters to {min(letters):.4f}-{max(letters):.4f}" in README
+    assert f"moved digits rise to {min(moved):.1f}-{max(moved):.1f} %" in README
+    assert points["energy blend 1"][4] == "noise"
+    assert f"noise falls to {points['energy blend 1'][5]:.1f} % at weight 1" in README
+    assert "corner reached by: none" in text
