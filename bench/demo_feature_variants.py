@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -257,14 +258,19 @@ def blend(fit: Features, weight: float) -> Score:
 
 
 def frontier(
-    plain: Features, fit: Features, augmented: Features, copies: int, sets: dict[str, Features]
+    plain: Features,
+    fit: Features,
+    augmented: Features,
+    copies: int,
+    sets: dict[str, Features],
+    file: TextIO | None = None,
 ) -> list[str]:
     """Two families with one knob each, from ``predicted_mahalanobis``'s recipe towards what
     ranks letters as energy does: the weight of the re-rendering moves in the covariance
     (``nuisance_split``) and a blend with energy. For every point: letters AUROC on both draws
     and the set each target binds on, at 95 % TPR on the validation digits. The corner the
     issue asks for is letters above energy on both draws with every target met; the points
-    that reach it are returned."""
+    that reach it are returned. The table goes to ``file`` (standard output by default)."""
     energy = EnergyDetector().score
     floor = [_auroc(energy, sets, n) for n in ("letters", SECOND_LETTERS)]
     families = {
@@ -272,9 +278,10 @@ def frontier(
            for w in (0, 0.1, 0.3, 1, 3, 10, 30)},
         **{f"energy blend {w:g}": blend(fit, w) for w in (0, 0.2, 0.4, 0.6, 0.8, 1)},
     }  # fmt: skip
-    print(f"\nfrontier (energy's letters AUROC: {floor[0]:.4f}, {floor[1]:.4f})")
+    print(file=file)
+    print(f"frontier (energy's letters AUROC: {floor[0]:.4f}, {floor[1]:.4f})", file=file)
     print(f"{'point':24} {'letters':>7} {SECOND_LETTERS:>7}  worst shift   fewest far"
-          "    fewest near")  # fmt: skip
+          "    fewest near", file=file)  # fmt: skip
     corner = []
     for name, score in families.items():
         threshold = np.quantile(score(plain), 0.95, method="higher")
@@ -284,11 +291,12 @@ def frontier(
         near = min(("inverted", "rotated"), key=flagged.get)
         letters = [_auroc(score, sets, n) for n in ("letters", SECOND_LETTERS)]
         print(f"{name:24} {letters[0]:7.4f} {letters[1]:7.4f}  {shift[:9]:9} {flagged[shift]:4.1f}"
-              f"  {far[:8]:8} {flagged[far]:5.1f}  {near[:8]:8} {flagged[near]:5.1f}")  # fmt: skip
+              f"  {far[:8]:8} {flagged[far]:5.1f}  {near[:8]:8} {flagged[near]:5.1f}",
+              file=file)  # fmt: skip
         met = flagged[shift] <= 7 and flagged[far] >= 95 and flagged[near] >= 80
         if met and all(a > b for a, b in zip(letters, floor)):
             corner.append(name)
-    print("corner reached by: " + (", ".join(corner) or "none"))
+    print("corner reached by: " + (", ".join(corner) or "none"), file=file)
     return corner
 
 

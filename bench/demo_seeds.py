@@ -19,7 +19,6 @@ paired bootstrap interval on both letter draws; and whether the frontier of
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import subprocess
@@ -140,8 +139,7 @@ def main() -> None:
                 f"{a[0]:.4f} {a[1]:.4f} {a[2]:.4f}" + (" *" if a[0] > max(a[1:]) else "  ")
             )
         auroc_rows.append(f"{seed:4}  " + "  ".join(cells))
-        with contextlib.redirect_stdout(io.StringIO()):
-            corner = frontier(plain, fit, augmented, args.augment, sets)
+        corner = frontier(plain, fit, augmented, args.augment, sets, file=io.StringIO())
         gap_rows.append(
             f"{seed:4}  "
             + "  ".join(
