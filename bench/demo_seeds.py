@@ -28,8 +28,11 @@ from pathlib import Path
 import numpy as np
 from demo_feature_variants import (
     FAR,
+    NEAR,
     SECOND_LETTERS,
     SHIFTS,
+    Targets,
+    auroc,
     fitted,
     frontier,
     paired_difference,
@@ -42,11 +45,9 @@ from torchserve_gradnorm.detectors import (
     MSPDetector,
     PredictedMahalanobisDetector,
 )
-from torchserve_gradnorm.evaluation import ood_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "samples" / "digits"
-NEAR = ("inverted", "rotated")
 
 
 def train_and_pack(seed: int, out: Path) -> tuple[Path, str]:
@@ -94,11 +95,6 @@ def threshold_window(shipped: np.ndarray, sets: dict[str, Features]) -> tuple[fl
     return low, high
 
 
-def auroc(scores: np.ndarray, ood: np.ndarray) -> float:
-    labels = np.r_[np.zeros(len(scores)), np.ones(len(ood))]
-    return ood_metrics(np.r_[scores, ood], labels)["AUROC"]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("demo", type=Path, help="the folder samples/make_demo_data.py wrote")
@@ -117,18 +113,14 @@ def main() -> None:
             "energy": EnergyDetector().score,
         }
         shipped = scores["predicted_mahalanobis"]
-        threshold = np.quantile(shipped(plain), 0.95, method="higher")
-        flagged = {n: 100 * float((shipped(f) > threshold).mean()) for n, f in sets.items()}
-        shift = max(["id_test", *SHIFTS], key=flagged.get)
-        far = min(FAR, key=flagged.get)
-        near = min(NEAR, key=flagged.get)
-        met = flagged[shift] <= 7, flagged[far] >= 95, flagged[near] >= 80
+        t = Targets.of(shipped, plain, sets)
+        flagged, shift, far, near = t.flagged, t.shift, t.far, t.near
         low, high = threshold_window(shipped, sets)
         flagged_rows.append(
             f"{seed:4} {accuracy:>8}  {flagged['id_test']:5.1f}  "
             f"{shift[:9]:9} {flagged[shift]:5.1f}  {far[:7]:7} {flagged[far]:5.1f}  "
             f"{near[:8]:8} {flagged[near]:5.1f}  "
-            + " ".join("yes" if m else "NO " for m in met)
+            + " ".join("yes" if m else "NO " for m in t.met)
             + f"   {'yes' if low < high else 'NO ':3}  {high / low:5.3f}"
         )  # fmt: skip
         ids = {k: score(sets["id_test"]) for k, score in scores.items()}
